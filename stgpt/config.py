@@ -1,0 +1,221 @@
+"""Typed configuration shared by every job: YAML files in `configs/` plus `key=value` overrides.
+
+A config file has one section per concern (`video`, `model`, `generation`, `data`, `preprocess`, `train`,
+`evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
+scalars, so `train.lr=1e-4 train.use_gpu=true model.kind=tiny` do what they look like. An unknown key or a value
+of the wrong type is an error that names the key, not a silent no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class VideoConfig:
+    """Frame sampling and preprocessing; the defaults are `MCG-NJU/videomae-base`'s processor settings."""
+
+    num_frames: int = 8
+    short_side: int = 224
+    crop_size: int = 224
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build: `pretrained` (encoder + decoder), `checkpoint` (fine-tuned) or `tiny` (random)."""
+
+    kind: str = "pretrained"
+    encoder: str = "facebook/timesformer-base-finetuned-k600"
+    decoder: str = "gpt2"
+    checkpoint: Optional[str] = None  # hub id or directory, for kind=checkpoint
+    tokenizer: Optional[str] = None  # defaults to the decoder's (or the checkpoint's) tokenizer
+    # kind=tiny: a random-init model small enough for CPU tests and demos
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    patch_size: int = 16
+    vocab_size: int = 512  # of the byte-level BPE tokenizer trained on the dataset's captions
+
+
+@dataclass
+class GenerationConfig:
+    """Beam search, as in the original: 8 beams, 30 to 60 new tokens."""
+
+    num_beams: int = 8
+    min_new_tokens: int = 30
+    max_new_tokens: int = 60
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives. With no annotations given, jobs make and use the synthetic dataset under `root`."""
+
+    root: str = "outputs/data"  # synthetic dataset (videos + annotations)
+    shards: str = "outputs/shards"  # Parquet shards written by preprocessing
+    annotations: Optional[str] = None
+    videos: Optional[str] = None
+    synthetic_train: int = 96
+    synthetic_validation: int = 24
+    synthetic_test: int = 24
+    synthetic_seed: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    rows_per_shard: int = 256
+    num_cpus_per_task: float = 1.0
+    memory_per_task_mb: int = 0  # 0: no reservation
+    concurrency: Optional[int] = None  # None: as many tasks as the cluster's CPUs allow
+    max_error_rate: float = 0.05
+    frame_encoding: str = "jpeg"  # "jpeg" or "raw": see stgpt/preprocessing.py for the measurements
+    jpeg_quality: int = 95
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/train"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 8  # per worker
+    epochs: int = 10
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp16 on CUDA; fp32 on CPU
+    seed: int = 0
+    all_captions_each_epoch: bool = False  # the original's "every caption, every epoch"
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "val_loss"
+    max_failures: int = 1
+    val_cider_videos: int = 0  # >0: CIDEr-D by generation on this many validation videos each epoch
+
+
+@dataclass
+class EvaluateConfig:
+    output_dir: str = "outputs/eval"
+    num_actors: int = 2
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8
+    metric_workers: int = 2
+
+
+@dataclass
+class ServeConfig:
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    max_upload_mb: int = 50
+    max_video_seconds: float = 120.0
+    request_timeout_s: float = 60.0
+    max_beams: int = 16
+    max_new_tokens_limit: int = 128
+
+
+@dataclass
+class Config:
+    video: VideoConfig = field(default_factory=VideoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} is not a mapping")
+        raw[section][name] = yaml.safe_load(value) if value else None
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(_join(where, u) for u in unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, _join(where, name))
+        else:
+            kwargs[name] = _coerce(value, hint, _join(where, name))
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name

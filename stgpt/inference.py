@@ -1,0 +1,52 @@
+"""Caption videos with a loaded model: the one code path offline evaluation, serving and the demo share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from stgpt.device import autocast, pick_device, resolve_precision
+from stgpt.model import CaptionModel, generate_captions, load_checkpoint
+from stgpt.transforms import to_pixel_values
+from stgpt.video import VideoSource, read_video
+
+
+@dataclass
+class Caption:
+    caption: str
+    frame_indices: list[int]
+    num_source_frames: int
+
+
+class Captioner:
+    """A model on a device, turning uint8 frames or whole videos into captions by beam search."""
+
+    def __init__(self, captioner: CaptionModel, use_gpu: bool = True, precision: str = "auto"):
+        self.device = pick_device(use_gpu)
+        self.precision = resolve_precision(precision, self.device)
+        self.bundle = captioner
+        self.model = captioner.model.to(self.device).eval()
+        self.video = captioner.video
+        self.name = captioner.name
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, use_gpu: bool = True, precision: str = "auto") -> "Captioner":
+        return cls(load_checkpoint(name_or_path), use_gpu=use_gpu, precision=precision)
+
+    def caption_frames(self, frames: np.ndarray | torch.Tensor | Sequence[np.ndarray], **generation) -> list[str]:
+        """Captions for a batch of uint8 frames `(B, T, H, W, 3)`; `generation` overrides beam-search settings."""
+        if isinstance(frames, (list, tuple)):
+            frames = np.stack(frames)
+        batch = torch.as_tensor(frames).to(self.device, non_blocking=True)
+        pixel_values = to_pixel_values(batch, self.video)
+        with autocast(self.device, self.precision):
+            return generate_captions(self.bundle, pixel_values, **generation)
+
+    def caption_video(self, source: VideoSource, name: str | None = None, **generation) -> Caption:
+        """Decode, sample and caption one video (a path or bytes)."""
+        sampled = read_video(source, self.video.num_frames, name=name)
+        text = self.caption_frames(sampled.frames[None], **generation)[0]
+        return Caption(text, sampled.indices.tolist(), sampled.num_source_frames)
