@@ -1,0 +1,95 @@
+"""The Parquet shard format that preprocessing writes and training and evaluation read.
+
+One row per video. Frames stay uint8 (never float32 pixel values: that is four times the bytes), stored one
+encoded image per frame so a reader can decode them on the worker that needs them:
+
+| column            | type           | meaning                                                  |
+| ----------------- | -------------- | -------------------------------------------------------- |
+| video_id          | string         | VATEX video ID                                           |
+| split             | string         | train / validation / test                                |
+| frames            | list<binary>   | one encoded frame each, `num_frames` of them, RGB        |
+| encoding          | string         | "jpeg", "png" or "raw" (H*W*3 bytes, row-major)         |
+| height, width     | int32          | frame size after resize and centre crop                  |
+| frame_indices     | list<int64>    | which source frames were sampled                         |
+| num_source_frames | int64          | decodable frames in the source video                     |
+| captions          | list<string>   | the reference captions (10 for VATEX)                    |
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+ENCODINGS = ("jpeg", "png", "raw")
+
+SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("split", pa.string()),
+    ("frames", pa.list_(pa.binary())),
+    ("encoding", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("frame_indices", pa.list_(pa.int64())),
+    ("num_source_frames", pa.int64()),
+    ("captions", pa.list_(pa.string())),
+])
+
+
+class ShardRowError(ValueError):
+    """A shard row whose frames or captions are unusable (wrong shape, undecodable, no captions)."""
+
+
+def encode_frames(frames: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> list[bytes]:
+    """uint8 `(T, H, W, 3)` frames to one encoded image each."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.shape} {frames.dtype}")
+    if encoding == "raw":
+        return [np.ascontiguousarray(f).tobytes() for f in frames]
+    from PIL import Image
+
+    out = []
+    for frame in frames:
+        buf = io.BytesIO()
+        if encoding == "jpeg":
+            Image.fromarray(frame).save(buf, format="JPEG", quality=quality, subsampling=0)
+        else:
+            Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_frames(encoded: Sequence[bytes], encoding: str, height: int, width: int) -> np.ndarray:
+    """Encoded frames back to uint8 `(T, H, W, 3)`; raises `ShardRowError` if they do not fit."""
+    if encoding not in ENCODINGS:
+        raise ShardRowError(f"unknown frame encoding {encoding!r}")
+    if len(encoded) == 0:
+        raise ShardRowError("row has no frames")
+    frames = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
+    for i, data in enumerate(encoded):
+        if encoding == "raw":
+            if len(data) != height * width * 3:
+                raise ShardRowError(f"frame {i} has {len(data)} bytes, expected {height}x{width}x3")
+            frames[i] = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+            continue
+        from PIL import Image
+
+        try:
+            image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except Exception as exc:
+            raise ShardRowError(f"frame {i} does not decode as {encoding}: {exc}") from None
+        if image.shape != (height, width, 3):
+            raise ShardRowError(f"frame {i} is {image.shape}, expected {(height, width, 3)}")
+        frames[i] = image
+    return frames
+
+
+def row_frames(row: Mapping[str, Any], num_frames: int | None = None) -> np.ndarray:
+    """The uint8 frames of one shard row, checked against the expected frame count."""
+    frames = decode_frames(list(row["frames"]), row["encoding"], int(row["height"]), int(row["width"]))
+    if num_frames is not None and frames.shape[0] != num_frames:
+        raise ShardRowError(f"{row.get('video_id')}: {frames.shape[0]} frames, expected {num_frames}")
+    return frames
