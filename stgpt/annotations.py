@@ -1,0 +1,405 @@
+"""Reading and writing caption annotations, and finding the videos they name.
+
+Formats read (auto-detected):
+
+* VATEX JSON: ``[{"videoID": ..., "enCap": [captions], "chCap": [...]?, ...}]``; keys other than ``videoID`` and
+  ``enCap`` are kept in `VideoAnnotation.extra` (e.g. the synthetic dataset's ``attributes``).
+* CIDEr/COCO JSON: ``[{"image_id": ..., "caption": ...}]`` with several entries per id for references and one
+  per id for predictions; also the COCO ground-truth object ``{"annotations": [...]}``.
+* SpaceTimeGPT CSV: ``videoID|cap1|...|cap10``, one video per line, no header and no quoting (a ``"`` is part of
+  the caption, as in VATEX's own JSON). Its file is latin-1, so each line is decoded as UTF-8 where that is
+  valid and as latin-1 otherwise: the two agree on ASCII, UTF-8 text stays right, and latin-1 bytes such as
+  ``\\xe9`` become "é" instead of failing.
+
+A malformed file raises `AnnotationError`, naming the file and the entry or line at fault, before anything
+uses it. Paths may be local or any URI `pyarrow.fs.FileSystem.from_uri` understands (``s3://``, ``gs://``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm")  # preferred first when an ID has both
+
+
+class AnnotationError(ValueError):
+    """An annotation or prediction file that cannot be used; the message names the file and the place."""
+
+
+@dataclass
+class VideoAnnotation:
+    """One video's captions, plus whatever else its entry carried (``chCap``, ``attributes``, ...)."""
+
+    video_id: str
+    captions: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Record:
+    """One entry as read, before grouping: where it was, for error messages."""
+
+    video_id: str
+    captions: list[str]
+    extra: dict[str, Any]
+    where: str  # "entry 3" or "line 7"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public readers.
+
+
+def load_annotations(path: str | os.PathLike) -> list[VideoAnnotation]:
+    """Every video's annotation in file order; COCO entries of one id are grouped (at the first one's place).
+
+    Raises AnnotationError for a malformed file, including a video ID that appears twice in a VATEX or CSV file.
+    """
+    records, kind = _read_records(path)
+    if kind == "coco":
+        grouped: dict[str, VideoAnnotation] = {}
+        for record in records:
+            if record.video_id in grouped:
+                grouped[record.video_id].captions.extend(record.captions)
+            else:
+                grouped[record.video_id] = VideoAnnotation(record.video_id, list(record.captions), record.extra)
+        return list(grouped.values())
+    _reject_duplicates(path, records)
+    return [VideoAnnotation(r.video_id, r.captions, r.extra) for r in records]
+
+
+def load_references(path: str | os.PathLike) -> dict[str, list[str]]:
+    """videoID -> reference captions, from any supported format."""
+    return {annotation.video_id: annotation.captions for annotation in load_annotations(path)}
+
+
+def load_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """videoID -> the one predicted caption. Usually COCO result format (SpaceTimeGPT's generated_captions.json);
+    a JSON object ``{videoID: caption}`` and one-caption VATEX or CSV files are read too.
+
+    A video ID predicted twice, or an entry with other than one caption, raises AnnotationError naming it.
+    """
+    data = _read_bytes(path)
+    if _looks_like_json(path, data):
+        value = _parse_json(path, data)
+        if isinstance(value, dict) and "annotations" not in value:
+            return _predictions_from_mapping(path, value)
+        records, _ = _json_records(path, value)
+    else:
+        records = _csv_records(path, data)
+    _reject_duplicates(path, records, what="predicted")
+    predictions = {}
+    for record in records:
+        if len(record.captions) != 1:
+            raise AnnotationError(
+                f"{path}: {record.where} (video {record.video_id!r}) has {len(record.captions)} captions;"
+                " a prediction file needs exactly one per video"
+            )
+        predictions[record.video_id] = record.captions[0]
+    return predictions
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writers.
+
+
+def save_annotations(
+    annotations: Iterable[VideoAnnotation] | Mapping[str, Sequence[str]], path: str | os.PathLike
+) -> None:
+    """Write VATEX JSON: ``[{"videoID", "enCap", **extra}]``. Takes annotations or a videoID -> captions map.
+
+    Checked as a reader would check it (so what is written can be read back), and written atomically.
+    """
+    if isinstance(annotations, Mapping):
+        annotations = [VideoAnnotation(video_id, list(captions)) for video_id, captions in annotations.items()]
+    entries = []
+    for annotation in annotations:
+        clash = {"videoID", "enCap"} & set(annotation.extra)
+        if clash:
+            raise ValueError(f"video {annotation.video_id!r}: extra must not hold {sorted(clash)}")
+        entries.append({"videoID": annotation.video_id, "enCap": list(annotation.captions), **annotation.extra})
+    records = [_vatex_record(path, index, entry) for index, entry in enumerate(entries)]
+    _reject_duplicates(path, records)
+    _write_text(path, json.dumps(entries, ensure_ascii=False) + "\n")
+
+
+def save_predictions(predictions: Mapping[str, str], path: str | os.PathLike) -> None:
+    """Write COCO result format, ``[{"image_id": videoID, "caption": ...}]``, as SpaceTimeGPT's
+    generated_captions.json (indented by 4), in the mapping's order."""
+    entries = []
+    for video_id, caption in predictions.items():
+        if not isinstance(video_id, str) or not isinstance(caption, str):
+            raise ValueError(f"predictions must map str to str, got {video_id!r}: {caption!r}")
+        entries.append({"image_id": video_id, "caption": caption})
+    _write_text(path, json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding videos.
+
+
+def find_videos(
+    video_ids: Iterable[str], folder: str | os.PathLike, filesystem: Any = None
+) -> tuple[dict[str, str], list[str]]:
+    """Map video IDs to ``<id>.mp4`` / ``<id>.webm`` files in `folder`: (found, missing).
+
+    The folder is listed once (no per-file stat), so this is cheap on object stores. `folder` is a local path
+    or a URI (``s3://bucket/videos``, ``gs://...``, ``file:///...``) opened with
+    `pyarrow.fs.FileSystem.from_uri`, or a path within `filesystem` when one is given.
+
+    Paths in `found` can be opened again: local files as plain absolute paths (what decord and PyAV take),
+    other filesystems as full URIs; `pyarrow.fs.FileSystem.from_uri(path)` accepts both. With `filesystem`
+    given, they are paths within it. `missing` lists the IDs with no video, in input order, once each.
+    A folder that does not exist raises FileNotFoundError (a wrong folder is not "all videos missing").
+    """
+    from pyarrow import fs as pafs
+
+    folder_text = os.fspath(folder)
+    if filesystem is not None:
+        base, make_path = folder_text.rstrip("/") or "/", None
+    else:
+        filesystem, base, make_path = _resolve_folder(folder_text)
+    try:  # the one listing; raises for a folder that is missing or a file
+        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"video folder {folder_text} does not exist") from error
+    except NotADirectoryError as error:
+        raise NotADirectoryError(f"video folder {folder_text} is not a directory") from error
+    by_name: dict[str, str] = {}
+    for entry in listing:
+        if entry.type == pafs.FileType.File:
+            by_name[entry.base_name] = entry.path
+
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for video_id in dict.fromkeys(video_ids):
+        for extension in VIDEO_EXTENSIONS:
+            path = by_name.get(f"{video_id}{extension}")
+            if path is not None:
+                found[video_id] = make_path(path) if make_path else path
+                break
+        else:
+            missing.append(video_id)
+    return found, missing
+
+
+def _resolve_folder(folder: str):
+    """(filesystem, path within it, function from a listed path to one `from_uri` reopens)."""
+    from pyarrow import fs as pafs
+
+    if not _is_uri(folder):
+        folder = os.path.abspath(folder)
+    filesystem, base = pafs.FileSystem.from_uri(folder)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return filesystem, base, lambda path: path
+    return filesystem, base.rstrip("/") or "/", lambda path: child_uri(folder, posixpath.basename(path))
+
+
+def child_uri(folder_uri: str, name: str) -> str:
+    """The URI of file `name` in the folder at `folder_uri`, keeping its query (``?region=...``).
+
+    The name is percent-encoded, as `pyarrow.fs.FileSystem.from_uri` expects.
+    """
+    parts = urllib.parse.urlsplit(folder_uri)
+    path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(name)}"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing.
+
+
+def _read_records(path: str | os.PathLike) -> tuple[list[_Record], str]:
+    """All entries of a file and its kind ("vatex", "coco" or "csv")."""
+    data = _read_bytes(path)
+    if not _looks_like_json(path, data):
+        return _csv_records(path, data), "csv"
+    return _json_records(path, _parse_json(path, data))
+
+
+def _json_records(path, value: Any) -> tuple[list[_Record], str]:
+    if isinstance(value, dict) and isinstance(value.get("annotations"), list):
+        value = value["annotations"]  # COCO ground truth: {"images": [...], "annotations": [...]}
+    if not isinstance(value, list):
+        raise AnnotationError(f"{path}: expected a JSON list of entries, found a {_type_name(value)}")
+    if not value:
+        return [], "vatex"
+    first = value[0]
+    if isinstance(first, dict) and "videoID" in first:
+        return [_vatex_record(path, i, entry) for i, entry in enumerate(value)], "vatex"
+    if isinstance(first, dict) and "image_id" in first:
+        return [_coco_record(path, i, entry) for i, entry in enumerate(value)], "coco"
+    if not isinstance(first, dict):
+        raise AnnotationError(f"{path}: entry 0 is a {_type_name(first)}, expected an object")
+    raise AnnotationError(
+        f"{path}: entry 0 has neither 'videoID' (VATEX) nor 'image_id' (COCO) key; it has {sorted(first)}"
+    )
+
+
+def _vatex_record(path, index: int, entry: Any) -> _Record:
+    where = f"entry {index}"
+    _require_keys(path, where, entry, ("videoID", "enCap"))
+    video_id = _video_id(path, where, entry["videoID"], "videoID")
+    where = f"entry {index} (video {video_id!r})"
+    captions = entry["enCap"]
+    if not isinstance(captions, list):
+        raise AnnotationError(f"{path}: {where}: 'enCap' is a {_type_name(captions)}, expected a list of captions")
+    if not captions:
+        raise AnnotationError(f"{path}: {where}: 'enCap' is empty")
+    for position, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise AnnotationError(f"{path}: {where}: 'enCap'[{position}] is a {_type_name(caption)}, expected a string")
+    extra = {key: value for key, value in entry.items() if key not in ("videoID", "enCap")}
+    return _Record(video_id, list(captions), extra, where)
+
+
+def _coco_record(path, index: int, entry: Any) -> _Record:
+    where = f"entry {index}"
+    _require_keys(path, where, entry, ("image_id", "caption"))
+    video_id = _video_id(path, where, entry["image_id"], "image_id")
+    caption = entry["caption"]
+    if not isinstance(caption, str):
+        raise AnnotationError(
+            f"{path}: entry {index} (video {video_id!r}): 'caption' is a {_type_name(caption)}, expected a string"
+        )
+    extra = {key: value for key, value in entry.items() if key not in ("image_id", "caption", "id")}
+    return _Record(video_id, [caption], extra, f"entry {index}")
+
+
+def _csv_records(path, data: bytes) -> list[_Record]:
+    records = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line = _decode_line(raw.rstrip(b"\r"))
+        if not line.strip():
+            continue
+        video_id, *captions = line.split("|")
+        where = f"line {number}"
+        if number == 1 and video_id.strip().lower() in ("videoid", "video_id", "id"):
+            continue  # a header
+        if not video_id.strip():
+            raise AnnotationError(f"{path}: {where}: empty video ID (expected videoID|caption|...)")
+        if not captions:
+            raise AnnotationError(f"{path}: {where}: video {video_id!r} has no captions (expected videoID|caption|...)")
+        for position, caption in enumerate(captions, start=1):
+            if not caption.strip():
+                raise AnnotationError(f"{path}: {where}: video {video_id!r}: caption {position} is empty")
+        records.append(_Record(video_id, captions, {}, where))
+    return records
+
+
+def _decode_line(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # never fails: every byte is a latin-1 character
+
+
+def _predictions_from_mapping(path, value: dict) -> dict[str, str]:
+    for video_id, caption in value.items():
+        if not isinstance(caption, str):
+            raise AnnotationError(f"{path}: video {video_id!r}: caption is a {_type_name(caption)}, expected a string")
+    return dict(value)
+
+
+def _require_keys(path, where: str, entry: Any, keys: Sequence[str]) -> None:
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{path}: {where} is a {_type_name(entry)}, expected an object")
+    for key in keys:
+        if key not in entry:
+            raise AnnotationError(f"{path}: {where} has no {key!r} key (it has {sorted(entry)})")
+
+
+def _video_id(path, where: str, value: Any, key: str) -> str:
+    # COCO image ids are often integers; video IDs here are strings, so accept ints as their decimal form.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise AnnotationError(f"{path}: {where}: {key!r} is a {_type_name(value)}, expected a string")
+    text = str(value)
+    if not text.strip():
+        raise AnnotationError(f"{path}: {where}: {key!r} is empty")
+    return text
+
+
+def _reject_duplicates(path, records: Sequence[_Record], what: str = "listed") -> None:
+    first: dict[str, str] = {}
+    clashes = []
+    for record in records:
+        if record.video_id in first:
+            clashes.append(f"{record.video_id!r} ({first[record.video_id]} and {record.where})")
+        else:
+            first[record.video_id] = record.where
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise AnnotationError(f"{path}: {len(clashes)} video ID(s) {what} more than once: {shown}")
+
+
+def _parse_json(path, data: bytes) -> Any:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path}: JSON is not valid UTF-8 (byte {error.start})") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AnnotationError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from error
+
+
+def _looks_like_json(path, data: bytes) -> bool:
+    suffix = posixpath.splitext(urllib.parse.urlsplit(os.fspath(path)).path)[1].lower()
+    if suffix == ".json":
+        return True
+    if suffix in (".csv", ".txt", ".tsv"):
+        return False
+    return data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bytes in and out, local or through pyarrow.
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    text = os.fspath(path)
+    if not _is_uri(text):
+        return Path(text).read_bytes()
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(text)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text: locally via a temporary file renamed into place, elsewhere through pyarrow."""
+    target = os.fspath(path)
+    if _is_uri(target):
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(target)
+        with filesystem.open_output_stream(inner) as stream:
+            stream.write(text.encode("utf-8"))
+        return
+    target_path = Path(target)
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target_path.parent, prefix=f".{target_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, target_path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
