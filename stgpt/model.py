@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     GPT2Config,
@@ -73,7 +74,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def build_pretrained(model_cfg: ModelConfig, video_cfg: VideoConfig) -> CaptionModel:
     """Pretrained TimeSformer + GPT-2 with fresh cross-attention: the starting point of fine-tuning."""
-    model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(model_cfg.encoder, model_cfg.decoder)
+    # Mark the decoder config ourselves: transformers 5 configs loaded from disk may lack `is_decoder`, which
+    # from_encoder_decoder_pretrained reads before setting it.
+    decoder_config = AutoConfig.from_pretrained(model_cfg.decoder)
+    decoder_config.is_decoder = True
+    decoder_config.add_cross_attention = True
+    model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(
+        model_cfg.encoder, model_cfg.decoder, decoder_config=decoder_config)
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.decoder)
     _wire_special_tokens(model, tokenizer)
     return CaptionModel(model, tokenizer, video_cfg, name=f"{model_cfg.encoder}+{model_cfg.decoder}")

@@ -41,3 +41,34 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def write_test_video(path, num_frames: int = 40, width: int = 160, height: int = 120, fps: int = 10,
+                     container: str = "mp4", faststart: bool = False):
+    """Write a video whose frame i is a flat grey of level 4*i (so a decoded frame tells its own index)."""
+    import av
+    import numpy as np
+
+    codec, fmt = ("libvpx-vp9", "webm") if container == "webm" else ("libx264", "mp4")
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "0", "preset": "ultrafast"}
+        for i in range(num_frames):
+            frame = np.full((height, width, 3), (4 * i) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture
+def make_video(tmp_path):
+    """Factory: `make_video(name, **kwargs)` writes a test video under tmp_path and returns its path."""
+    def make(name: str = "video.mp4", **kwargs):
+        return write_test_video(tmp_path / name, **kwargs)
+
+    return make
