@@ -79,7 +79,10 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    rows_per_shard: int = 256
+    """jobs/preprocess.py: shard size, the work unit, resources per task, and when too many errors fail a run."""
+
+    rows_per_shard: int = 256  # videos per Parquet file (the last file of a split holds the rest)
+    videos_per_task: int = 16  # videos per Ray task; a shard of several tasks is assembled when they finish
     num_cpus_per_task: float = 1.0
     memory_per_task_mb: int = 0  # 0: no reservation
     concurrency: Optional[int] = None  # None: as many tasks as the cluster's CPUs allow
