@@ -133,6 +133,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     max_beams: int = 16
     max_new_tokens_limit: int = 128
+    decode_threads: int = 2  # per replica: video decoding and preprocessing run off the event loop
 
 
 @dataclass
