@@ -29,13 +29,21 @@ import itertools
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+# PyAV before decord: decord loads its own FFmpeg and libvpx with RTLD_GLOBAL, and a PyAV loaded after it
+# cannot open its VP8/VP9 encoders (avcodec_open2 returns EINVAL). Importing av first avoids that; where
+# decord came first anyway, `make_synthetic_dataset` writes webm from a fresh interpreter.
+import av  # noqa: E402  (isort: keep before anything that may import decord)
 
 # --------------------------------------------------------------------------------------------------------
 # The world: a few distinct colours, shapes and motions, so that a tiny model can learn them.
@@ -366,11 +374,14 @@ def parse_caption(caption: str) -> dict:
     """Colour, shape and motion of each object a caption mentions: {"objects": [{"colour", "shape", "motion"}]}.
 
     Keywords (with the synonyms the templates use) are read left to right; a keyword whose slot the current
-    object already has starts a new object. Slots a caption does not mention are None.
+    object already holds starts a new object, unless it repeats the value ("climbs toward the top" is one
+    motion). Slots a caption does not mention are None.
     """
     objects: list[dict[str, str | None]] = []
     for match in _KEYWORDS.finditer(caption):
         kind, value = match.lastgroup.split("_", 1)  # type: ignore[union-attr]
+        if objects and objects[-1][kind] == value:
+            continue
         if not objects or objects[-1][kind] is not None:
             objects.append({"colour": None, "shape": None, "motion": None})
         objects[-1][kind] = value
@@ -454,23 +465,26 @@ def _coverage(shape: str, cx: float, cy: float, half: float, height: int, width:
         inside = (dy >= -half) & (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    cover = inside.reshape(y1 - y0, samples, x1 - x0, samples).mean(axis=(1, 3))
+    cover = inside.reshape(y1 - y0, samples, x1 - x0, samples).sum(axis=(1, 3), dtype=np.float32) / samples**2
     return y0, x0, cover
 
 
 def render_video(spec: VideoSpec, size: tuple[int, int] = (128, 128), num_frames: int = 32) -> np.ndarray:
     """The video's RGB frames, (num_frames, height, width, 3) uint8, objects drawn in order."""
     width, height = size
-    frames = np.empty((num_frames, height, width, 3), dtype=np.float32)
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     frames[:] = BACKGROUND
     for t in range(num_frames):
         progress = t / (num_frames - 1) if num_frames > 1 else 0.0
         for obj in spec.objects:
             cx, cy, half = object_state(obj, progress, size)
             y0, x0, cover = _coverage(obj.shape, cx, cy, half, height, width)
-            region = frames[t, y0 : y0 + cover.shape[0], x0 : x0 + cover.shape[1]]
+            # Blend within the object's bounding box only: the rest of the frame stays as it is.
+            box = (t, slice(y0, y0 + cover.shape[0]), slice(x0, x0 + cover.shape[1]))
+            region = frames[box].astype(np.float32)
             region += cover[..., None] * (np.asarray(COLOURS[obj.colour], np.float32) - region)
-    return np.round(frames).astype(np.uint8)
+            frames[box] = np.round(region).astype(np.uint8)
+    return frames
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -479,8 +493,6 @@ def render_video(spec: VideoSpec, size: tuple[int, int] = (128, 128), num_frames
 
 def available_encoder(container: str) -> str | None:
     """The encoder `container` ("mp4" or "webm") would use with this PyAV build, or None if it has none."""
-    import av
-
     if container not in _ENCODERS:
         raise ValueError(f"container must be one of {sorted(_ENCODERS)}, not {container!r}")
     for name in _ENCODERS[container]:
@@ -492,13 +504,33 @@ def available_encoder(container: str) -> str | None:
     return None
 
 
+_OPENS: dict[str, bool] = {}
+
+
+def encoder_opens(codec: str) -> bool:
+    """Whether `codec` can be opened in this process (False for VP8/VP9 once decord was imported before av)."""
+    if codec not in _OPENS:
+        context = av.CodecContext.create(codec, "w")
+        context.width, context.height, context.pix_fmt = 32, 32, "yuv420p"
+        context.time_base = Fraction(1, 8)
+        try:
+            context.open()
+            _OPENS[codec] = True
+        except av.error.FFmpegError:
+            _OPENS[codec] = False
+    return _OPENS[codec]
+
+
 def encode_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, container: str = "mp4") -> None:
     """Write RGB frames to `path` as yuv420p H.264 (mp4) or VP9/VP8 (webm), single-threaded for determinism."""
-    import av
-
     codec = available_encoder(container)
     if codec is None:
         raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {_ENCODERS[container]} for {container}")
+    if not encoder_opens(codec):
+        raise RuntimeError(
+            f"{codec} cannot be opened in this process: decord was probably imported before av (it loads its own"
+            " libvpx globally). Import av first, or use make_synthetic_dataset, which then encodes in a fresh process."
+        )
     height, width = frames.shape[1:3]
     with av.open(str(path), mode="w", format=container) as output:
         stream = output.add_stream(codec, rate=fps)
@@ -541,8 +573,14 @@ def make_synthetic_dataset(
         raise ValueError(f"split names must be letters, digits, '_' or '-', got {list(num_videos)}")
     if not 0 <= p_two_objects <= 1:
         raise ValueError(f"p_two_objects must be in [0, 1], got {p_two_objects}")
-    if available_encoder(container) is None:
+    codec = available_encoder(container)
+    if codec is None:
         raise RuntimeError(f"this PyAV/FFmpeg build cannot encode {container}: it has none of {_ENCODERS[container]}")
+    if not encoder_opens(codec):
+        return _make_in_fresh_process(
+            root, num_videos=num_videos, seed=seed, size=size, num_frames=num_frames, fps=fps,
+            container=container, p_two_objects=p_two_objects,
+        )
     params = _normalise(
         {
             "format_version": FORMAT_VERSION,
@@ -592,6 +630,27 @@ def make_synthetic_dataset(
         _write_json_atomic(root / "manifest.json", {"params": params, "splits": splits}, indent=1)
         state_path.unlink(missing_ok=True)
     return _dataset(root, splits, container)
+
+
+def _make_in_fresh_process(root: str | os.PathLike, **arguments) -> SyntheticDataset:
+    """Run make_synthetic_dataset in a new interpreter, where av is imported before decord."""
+    package_parent = str(Path(__file__).resolve().parents[1])
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, environment.get("PYTHONPATH")]))
+    arguments = {"root": os.fspath(root), **arguments, "size": list(arguments["size"])}
+    code = (
+        "import av, json, sys\n"
+        "from stgpt.synthetic import make_synthetic_dataset\n"
+        "arguments = json.loads(sys.argv[1])\n"
+        "arguments['size'] = tuple(arguments['size'])\n"
+        "make_synthetic_dataset(**arguments)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(arguments)], env=environment, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"making the dataset in a fresh process failed:\n{result.stderr[-4000:]}")
+    return SyntheticDataset.from_root(root)
 
 
 def _dataset(root: Path, splits: Mapping[str, Sequence[str]], container: str) -> SyntheticDataset:
