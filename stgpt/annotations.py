@@ -149,6 +149,8 @@ def find_videos(
 ) -> tuple[dict[str, str], list[str]]:
     """Map video IDs to ``<id>.mp4`` / ``<id>.webm`` files in `folder`: (found, missing).
 
+    IDs match file names exactly; the extension in any case (``.MP4``); ``.mp4`` wins over ``.webm``.
+
     The folder is listed once (no per-file stat), so this is cheap on object stores. `folder` is a local path
     or a URI (``s3://bucket/videos``, ``gs://...``, ``file:///...``) opened with
     `pyarrow.fs.FileSystem.from_uri`, or a path within `filesystem` when one is given.
@@ -171,10 +173,11 @@ def find_videos(
         raise FileNotFoundError(f"video folder {folder_text} does not exist") from error
     except NotADirectoryError as error:
         raise NotADirectoryError(f"video folder {folder_text} is not a directory") from error
-    by_name: dict[str, str] = {}
+    by_name: dict[str, str] = {}  # "<id><lower-case extension>" -> path
     for entry in listing:
-        if entry.type == pafs.FileType.File:
-            by_name[entry.base_name] = entry.path
+        stem, extension = posixpath.splitext(entry.base_name)
+        if entry.type == pafs.FileType.File and extension.lower() in VIDEO_EXTENSIONS:
+            by_name.setdefault(stem + extension.lower(), entry.path)
 
     found: dict[str, str] = {}
     missing: list[str] = []
@@ -256,7 +259,7 @@ def _vatex_record(path, index: int, entry: Any) -> _Record:
         if not isinstance(caption, str):
             raise AnnotationError(f"{path}: {where}: 'enCap'[{position}] is a {_type_name(caption)}, expected a string")
     extra = {key: value for key, value in entry.items() if key not in ("videoID", "enCap")}
-    return _Record(video_id, list(captions), extra, where)
+    return _Record(video_id, list(captions), extra, f"entry {index}")
 
 
 def _coco_record(path, index: int, entry: Any) -> _Record:
