@@ -13,10 +13,17 @@ encoded image per frame so a reader can decode them on the worker that needs the
 | frame_indices     | list<int64>    | which source frames were sampled                         |
 | num_source_frames | int64          | decodable frames in the source video                     |
 | captions          | list<string>   | the reference captions (10 for VATEX)                    |
+
+Files are named `<split>-part-<NNNNN>-of-<MMMMM>.parquet` (`shard_file_name`), rows sorted by video ID; a split
+is complete when all MMMMM parts are there. `list_shards` finds them locally or on any pyarrow filesystem
+(`s3://`, `gs://`). Each file's key-value metadata `stgpt` holds what preprocessing recorded about it (see
+`stgpt/preprocessing.py`): which videos of the part failed and why, and which node wrote which rows.
 """
 from __future__ import annotations
 
 import io
+import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -37,8 +44,57 @@ SCHEMA = pa.schema([
 ])
 
 
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)-part-(?P<part>\d{5})-of-(?P<num_parts>\d{5})\.parquet$")
+
+
 class ShardRowError(ValueError):
     """A shard row whose frames or captions are unusable (wrong shape, undecodable, no captions)."""
+
+
+def shard_file_name(split: str, part: int, num_parts: int) -> str:
+    """`train-part-00003-of-00010.parquet`: which split, which part, and how many parts make the split."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} out of range for {num_parts} parts")
+    return f"{split}-part-{part:05d}-of-{num_parts:05d}.parquet"
+
+
+def list_shards(root: str | os.PathLike, split: str, require_complete: bool = True) -> list[str]:
+    """The shard files of `split` under `root` (local or a URI), in part order, as paths `read_parquet` takes.
+
+    Local folders give absolute paths, others full URIs. With `require_complete`, a split with parts missing
+    (preprocessing interrupted) or with files of two partitionings raises FileNotFoundError saying so.
+    """
+    from pyarrow import fs as pafs
+
+    root_text = os.fspath(root)
+    remote = "://" in root_text
+    filesystem, base = pafs.FileSystem.from_uri(root_text if remote else os.path.abspath(root_text))
+    try:
+        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard folder {root_text} does not exist") from None
+    parts: dict[int, str] = {}
+    totals = set()
+    for info in listing:
+        match = SHARD_NAME.match(info.base_name)
+        if info.type == pafs.FileType.File and match and match["split"] == split:
+            parts[int(match["part"])] = info.base_name
+            totals.add(int(match["num_parts"]))
+    if require_complete:
+        if not parts:
+            raise FileNotFoundError(f"no shards of split {split!r} in {root_text}")
+        if len(totals) > 1:
+            raise FileNotFoundError(f"{root_text}: split {split!r} has files of {len(totals)} partitionings "
+                                    f"(-of-{sorted(totals)}); re-run preprocessing with --overwrite")
+        (total,) = totals
+        if sorted(parts) != list(range(total)):
+            raise FileNotFoundError(f"{root_text}: split {split!r} has {len(parts)} of {total} parts: "
+                                    "preprocessing did not finish (re-run it to resume)")
+    if remote:
+        from stgpt.annotations import child_uri
+
+        return [child_uri(root_text, parts[part]) for part in sorted(parts)]
+    return [f"{base.rstrip('/')}/{parts[part]}" for part in sorted(parts)]
 
 
 def encode_frames(frames: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> list[bytes]:
