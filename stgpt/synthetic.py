@@ -43,7 +43,7 @@ import numpy as np
 # PyAV before decord: decord loads its own FFmpeg and libvpx with RTLD_GLOBAL, and a PyAV loaded after it
 # cannot open its VP8/VP9 encoders (avcodec_open2 returns EINVAL). Importing av first avoids that; where
 # decord came first anyway, `make_synthetic_dataset` writes webm from a fresh interpreter.
-import av  # noqa: E402  (isort: keep before anything that may import decord)
+import av
 
 # --------------------------------------------------------------------------------------------------------
 # The world: a few distinct colours, shapes and motions, so that a tiny model can learn them.
@@ -255,9 +255,12 @@ class SyntheticDataset:
 # Planning: draw every video's objects and captions from a per-video random stream.
 
 
-def _video_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    # One stream per video, keyed by (seed, split, index): a split's videos do not change when another
-    # split's count does. crc32, not hash(): Python's string hash differs between processes.
+def video_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random stream of one video, keyed by (seed, split, index).
+
+    So a split's videos do not change when another split's count does. crc32, not hash(): Python's string
+    hash differs between processes.
+    """
     return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
 
 
@@ -309,7 +312,7 @@ def plan_dataset(
     """Every split's video specs, without rendering anything. IDs are `synth_<split>_<index>`."""
     return {
         split: [
-            plan_video(f"synth_{split}_{index:05d}", _video_rng(seed, split, index), size, p_two_objects)
+            plan_video(f"synth_{split}_{index:05d}", video_rng(seed, split, index), size, p_two_objects)
             for index in range(count)
         ]
         for split, count in num_videos.items()
@@ -341,7 +344,9 @@ def _fill(template: str, objects: Sequence[ObjectSpec], combo: Sequence[tuple[st
     return text[0].upper() + text[1:]
 
 
-def draw_captions(objects: Sequence[ObjectSpec], rng: np.random.Generator, count: int = CAPTIONS_PER_VIDEO) -> list[str]:
+def draw_captions(
+    objects: Sequence[ObjectSpec], rng: np.random.Generator, count: int = CAPTIONS_PER_VIDEO
+) -> list[str]:
     """`count` distinct captions for the objects, each from a random template, wording and object order."""
     templates = ONE_OBJECT_TEMPLATES if len(objects) == 1 else TWO_OBJECT_TEMPLATES
     captions: list[str] = []
@@ -602,8 +607,8 @@ def make_synthetic_dataset(
         manifest = _read_json(root / "manifest.json")
         if manifest is not None and manifest.get("params") != params:
             raise FileExistsError(
-                f"{root} holds a synthetic dataset made with other parameters ({_diff(manifest.get('params'), params)});"
-                " use another folder or delete this one"
+                f"{root} holds a synthetic dataset made with other parameters"
+                f" ({_diff(manifest.get('params'), params)}); use another folder or delete this one"
             )
         plans = plan_dataset(num_videos, seed, (width, height), p_two_objects)
         splits = {split: [spec.video_id for spec in specs] for split, specs in plans.items()}
@@ -678,7 +683,8 @@ def _diff(old: Mapping | None, new: Mapping) -> str:
     if not isinstance(old, Mapping):
         return "unreadable parameters"
     keys = sorted(set(old) | set(new))
-    return ", ".join(f"{key}: {old.get(key)!r} there, {new.get(key)!r} asked" for key in keys if old.get(key) != new.get(key))
+    changed = [key for key in keys if old.get(key) != new.get(key)]
+    return ", ".join(f"{key}: {old.get(key)!r} there, {new.get(key)!r} asked" for key in changed)
 
 
 def _read_json(path: Path):
@@ -769,7 +775,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         fps=args.fps,
         container=args.container,
     )
-    print(json.dumps({"root": str(dataset.root), "annotations": {k: str(v) for k, v in dataset.annotation_paths.items()}}))
+    annotations = {split: str(path) for split, path in dataset.annotation_paths.items()}
+    print(json.dumps({"root": str(dataset.root), "annotations": annotations}))
 
 
 if __name__ == "__main__":

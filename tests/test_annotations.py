@@ -133,7 +133,9 @@ def test_predictions_from_coco_mapping_and_one_caption_files(tmp_path):
     assert load_predictions(tmp_path / "generated_captions.json") == expected
     assert load_predictions(write(tmp_path, "map.json", expected)) == expected
     assert load_predictions(write(tmp_path, "p.csv", "x|a man talks\ny|a dog runs\n")) == expected
-    vatex = write(tmp_path, "v.json", [{"videoID": "x", "enCap": ["a man talks"]}, {"videoID": "y", "enCap": ["a dog runs"]}])
+    vatex = write(
+        tmp_path, "v.json", [{"videoID": "x", "enCap": ["a man talks"]}, {"videoID": "y", "enCap": ["a dog runs"]}]
+    )
     assert load_predictions(vatex) == expected
 
 

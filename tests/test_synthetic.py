@@ -282,7 +282,7 @@ def test_first_frame_does_not_reveal_the_motion():
     and right movers half way through the clip, where their mean x differs by only one travel distance, and
     between growers and shrinkers there.
     """
-    specs = [plan_video(f"v{i}", synthetic._video_rng(11, "stats", i)) for i in range(2000)]
+    specs = [plan_video(f"v{i}", synthetic.video_rng(11, "stats", i)) for i in range(2000)]
     measured = measure_objects(specs)  # frames at progress 0, 0.5, 1
     pairs = list(itertools.combinations(MOTIONS, 2))
     alpha = 0.01 / (len(pairs) * 3)
@@ -300,7 +300,7 @@ def test_first_frame_does_not_reveal_the_motion():
 
 
 def test_colour_shape_and_motion_are_drawn_evenly():
-    specs = [plan_video(f"v{i}", synthetic._video_rng(5, "even", i)) for i in range(1200)]
+    specs = [plan_video(f"v{i}", synthetic.video_rng(5, "even", i)) for i in range(1200)]
     objects = [obj for spec in specs for obj in spec.objects]
     for attribute, values in (("colour", list(COLOURS)), ("shape", SHAPES), ("motion", MOTIONS)):
         counts = Counter(getattr(obj, attribute) for obj in objects)
@@ -350,7 +350,9 @@ def test_parse_caption_reads_free_wording_and_reports_what_is_missing():
     assert parse_caption("The Red Ball is moving leftwards.") == {
         "objects": [{"colour": "red", "shape": "circle", "motion": "left"}]
     }
-    assert parse_caption("a yellow box ascends") == {"objects": [{"colour": "yellow", "shape": "square", "motion": "up"}]}
+    assert parse_caption("a yellow box ascends") == {
+        "objects": [{"colour": "yellow", "shape": "square", "motion": "up"}]
+    }
     assert parse_caption("a blue thing") == {"objects": [{"colour": "blue", "shape": None, "motion": None}]}
     assert parse_caption("nothing to see") == {"objects": []}
 
