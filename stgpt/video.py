@@ -9,8 +9,9 @@ decord builds its frame index by demuxing the packets (no decoding), which is ex
 still holds, so `len(reader)` is the count we sample from. Two ways it can still be wrong are handled:
 - a file cut short after its header: the container declares a duration the packets no longer cover. We compare
   the last frame's end time with the declared duration and reject the file as truncated;
-- packets that demux but do not decode: the batch read fails, so we count the frames that really decode (one
-  sequential pass, only on this rare path) and sample again within them. An index past the real end is never read.
+- packets that demux but do not decode: the batch read fails, so we count the frames that really decode (a
+  sequential PyAV pass, only on this rare path: decord is not deterministic after a decoding error) and sample
+  again within them. An index past the real end is never read, and no damaged frame is returned.
 
 Every failure raises `VideoDecodeError`, which names the video and the reason.
 """
@@ -100,15 +101,13 @@ def read_video(
     try:
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except Exception:
-        # Packets that demux but do not decode: count what really decodes and sample within it.
-        num_source = _count_decodable(reader, num_source)
+        # Packets that demux but do not decode. decord is not reliable after a decoding error, so PyAV decodes
+        # sequentially (deterministic): once to count the frames that really decode, once to take the samples.
+        num_source = _count_decodable(data)
         if num_source == 0:
             raise VideoDecodeError(label, "no decodable frames") from None
         indices = sample_indices(num_source, num_frames)
-        try:
-            frames = reader.get_batch(indices.tolist()).asnumpy()
-        except Exception as exc:
-            raise VideoDecodeError(label, f"frames failed to decode ({exc.__class__.__name__})") from None
+        frames = _decode_sequentially(data, indices, size_kwargs)
 
     if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
         raise VideoDecodeError(label, f"decoder returned frames of unexpected shape {frames.shape}")
@@ -161,8 +160,11 @@ def _open_reader(data: bytes, label: str, num_threads: int, size_kwargs: dict):
     try:
         return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads, **size_kwargs)
     except Exception as exc:
-        reason = "truncated or corrupt video (the decoder could not index its frames)"
-        if "av_read_frame" not in str(exc):
+        if "av_read_frame" in str(exc):
+            reason = "truncated or corrupt video (the decoder could not index its frames)"
+        elif _count_decodable(data) == 0:
+            reason = "no decodable frames"
+        else:
             reason = f"cannot open video ({_short_message(exc)})"
         raise VideoDecodeError(label, reason) from None
 
@@ -180,15 +182,33 @@ def _check_not_truncated(reader, num_source: int, declared: float | None, label:
         )
 
 
-def _count_decodable(reader, upper_bound: int) -> int:
-    count = 0
-    for index in range(upper_bound):
+def _sequential_frames(data: bytes):
+    """Yield decoded frames in order until the first one that fails to decode."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "NONE"
         try:
-            reader[index]
-        except Exception:
+            yield from container.decode(stream)
+        except av.error.FFmpegError:
+            return
+
+
+def _count_decodable(data: bytes) -> int:
+    return sum(1 for _ in _sequential_frames(data))
+
+
+def _decode_sequentially(data: bytes, indices: np.ndarray, size_kwargs: dict) -> np.ndarray:
+    wanted = np.bincount(indices, minlength=int(indices.max()) + 1)  # how often each index is sampled
+    frames = []
+    for position, frame in enumerate(_sequential_frames(data)):
+        if position >= len(wanted):
             break
-        count += 1
-    return count
+        if wanted[position]:
+            array = frame.to_ndarray(format="rgb24", **size_kwargs)
+            frames.extend([array] * int(wanted[position]))
+    return np.stack(frames)
 
 
 def _guess_damage(data: bytes) -> str:

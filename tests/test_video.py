@@ -136,27 +136,12 @@ def test_undecodable_tail_is_counted_and_sampled_within(make_video, tmp_path):
     assert np.allclose(frame_levels(video.frames), 4 * video.indices, atol=3)
 
 
-def test_zero_decodable_frames(monkeypatch, make_video):
-    """A stream whose every packet fails to decode is reported as such, not as a crash."""
-    import stgpt.video as video_module
-
-    class Undecodable:
-        def __len__(self):
-            return 12
-
-        def get_avg_fps(self):
-            return 10.0
-
-        def get_frame_timestamp(self, index):
-            return np.array([index / 10, (index + 1) / 10])
-
-        def get_batch(self, indices):
-            raise RuntimeError("decode failed")
-
-        def __getitem__(self, index):
-            raise RuntimeError("decode failed")
-
-    monkeypatch.setattr(video_module, "_open_reader", lambda *args: Undecodable())
-    monkeypatch.setattr(video_module, "_probe_container", lambda data, label: (1.2, 160, 120))
+def test_zero_decodable_frames(make_video, tmp_path):
+    """A container whose index is intact but whose every frame is damaged."""
+    data = bytearray(make_video(num_frames=30, faststart=True).read_bytes())
+    payload = data.find(b"mdat") + 4
+    data[payload:] = bytes(len(data) - payload)
+    path = tmp_path / "zeroed.mp4"
+    path.write_bytes(bytes(data))
     with pytest.raises(VideoDecodeError, match="no decodable frames"):
-        read_video(make_video(num_frames=12))
+        read_video(path)
