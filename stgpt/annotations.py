@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,11 +398,11 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
         return
     target_path = Path(target)
     target_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target_path.parent, prefix=f".{target_path.name}.", suffix=".tmp")
+    # open(), not mkstemp(): the file gets umask permissions, not 0600, so others can read it.
+    temporary = target_path.parent / f".{target_path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        with open(temporary, "x", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(temporary, target_path)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
+import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -706,10 +706,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (hidden, ending .tmp) that replaces `path` once the block succeeds."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
+    """A temporary path beside `path` (hidden, ending .tmp) that replaces `path` once the block succeeds.
+
+    Created with open(), not mkstemp(), so the file gets the usual umask permissions rather than 0600:
+    other users and containers sharing the folder must be able to read the dataset.
+    """
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    open(temporary, "xb").close()
     try:
         yield temporary
         os.replace(temporary, path)

@@ -146,6 +146,10 @@ def test_second_call_on_a_complete_folder_writes_nothing(tmp_path):
     assert again == first
     assert {p: p.stat().st_mtime_ns for p in files} == before
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock") == files
+    # Readable by others sharing the folder (not the 0600 of a mkstemp file), as the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files)
     with pytest.raises(FileExistsError, match="seed"):
         make_synthetic_dataset(tmp_path, {"train": 3}, seed=1)
 
