@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import av  # before decord: decord's bundled libvpx, loaded first, breaks PyAV's VP8/VP9 encoders
+import decord
 import numpy as np
 
 VideoSource = Union[str, os.PathLike, bytes]
@@ -135,8 +137,6 @@ def _read_bytes(source: VideoSource, label: str) -> bytes:
 
 def _probe_container(data: bytes, label: str) -> tuple[float | None, int, int]:
     """Read the container header: the declared duration in seconds (None if absent) and the frame size."""
-    import av
-
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -155,8 +155,6 @@ def _probe_container(data: bytes, label: str) -> tuple[float | None, int, int]:
 
 
 def _open_reader(data: bytes, label: str, num_threads: int, size_kwargs: dict):
-    import decord
-
     try:
         return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads, **size_kwargs)
     except Exception as exc:
@@ -184,8 +182,6 @@ def _check_not_truncated(reader, num_source: int, declared: float | None, label:
 
 def _sequential_frames(data: bytes):
     """Yield decoded frames in order until the first one that fails to decode."""
-    import av
-
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import av  # noqa: F401  (before decord, which breaks PyAV's VP8/VP9 encoders if loaded first)
 import pytest
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
