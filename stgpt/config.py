@@ -93,6 +93,8 @@ class PreprocessConfig:
 
 @dataclass
 class TrainConfig:
+    """jobs/train.py: workers and devices, optimisation, checkpoints and faults (see stgpt/training.py)."""
+
     output_dir: str = "outputs/train"
     num_workers: int = 2
     use_gpu: bool = False
@@ -112,6 +114,8 @@ class TrainConfig:
     checkpoint_metric: str = "val_loss"
     max_failures: int = 1
     val_cider_videos: int = 0  # >0: CIDEr-D by generation on this many validation videos each epoch
+    checkpoint_every_steps: int = 0  # >0: also checkpoint mid-epoch every this many optimiser steps (resume point)
+    shuffle_buffer: int = 64  # rows each worker shuffles locally (0: stream order); bounded, so memory stays flat
 
 
 @dataclass
