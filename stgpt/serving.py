@@ -1,0 +1,462 @@
+"""Caption videos over HTTP with Ray Serve: one deployment that batches beam search across requests.
+
+    POST /caption   the video as a multipart upload (field `video`) or as the raw body; optional query (or form)
+                    parameters num_beams, min_new_tokens, max_new_tokens. Answers
+                    {"caption", "frame_indices", "num_source_frames", "model", "generation", "batch_size",
+                     "time_s", "timings"}.
+    GET  /healthz   {"status": "ok", "model", "device"}
+    GET  /docs      OpenAPI docs (FastAPI's)
+
+How a request flows through a replica. The body is read with a size cap (413 beyond it). Decoding and
+preprocessing (`read_video`, `to_pixel_values`) run in a small thread pool, so the event loop stays free to
+accept, decode and queue other requests. Generation goes through `@serve.batch`, which collects up to
+`max_batch_size` requests (waiting at most `batch_wait_timeout_s`) and runs one batched beam search in a single
+model thread; requests with different generation parameters share the wait but are generated in separate groups.
+Every request runs under `request_timeout_s` and answers 504 JSON past it. Every failure is a JSON
+`{"error": code, "detail": message}`; a bad request never takes the replica down.
+
+The pixels a replica feeds the model are computed exactly as `Captioner.caption_video` computes them offline, so
+the same video, parameters and checkpoint give the same caption (tests/test_serving.py checks it).
+
+`build_app(args)` is the Serve `import_path` entry (`stgpt.serving:build_app`, see configs/serve.yaml); with no
+checkpoint it serves `outputs/train/best` if training left one there, else a tiny random-init demo checkpoint it
+builds once under `outputs/serve/tiny`.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve import Application
+
+from stgpt.config import CONFIG_DIR, Config, ServeConfig, load_config
+from stgpt.video import VideoDecodeError
+
+logger = logging.getLogger("ray.serve")
+
+# With no checkpoint named: training's best checkpoint if there is one, else a tiny demo model built here.
+TRAINED_CHECKPOINT = Path(Config().train.output_dir) / "best"  # outputs/train/best, relative to the working dir
+TINY_CHECKPOINT = Path("outputs/serve/tiny")
+TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
+TINY_SEED = 0
+
+GENERATION_PARAMS = ("num_beams", "min_new_tokens", "max_new_tokens")  # what a request may set
+APP_ARGS = ("checkpoint", "serve", "generation", "deployment", "precision")
+DEFAULT_MAX_ONGOING_REQUESTS = 32
+UPLOAD_FIELDS = ("video", "file")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Which checkpoint to serve.
+
+
+def ensure_tiny_checkpoint(out_dir: str | os.PathLike = TINY_CHECKPOINT) -> Path:
+    """Build and save the tiny demo checkpoint in `out_dir` unless it is there; the same bytes on every call.
+
+    The model follows configs/tiny.yaml (or `model.kind=tiny` defaults) with seeded random weights, and its
+    tokenizer is trained on the synthetic dataset's captions (planned, not rendered), so any node can rebuild an
+    identical copy. Concurrent callers wait on a lock file; the folder appears complete or not at all.
+    """
+    import fcntl
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return out
+        from stgpt.model import build_model, save_checkpoint
+        from stgpt.synthetic import plan_dataset
+
+        cfg = load_config(TINY_CONFIG if TINY_CONFIG.exists() else None, ["model.kind=tiny"])
+        plans = plan_dataset({"train": cfg.data.synthetic_train}, seed=cfg.data.synthetic_seed)
+        captions = [caption for spec in plans["train"] for caption in spec.captions]
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_SEED)
+            built = build_model(cfg, captions)
+        built.name = "tiny"
+        temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            save_checkpoint(built, temporary)
+            os.replace(temporary, out)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return out
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[str, str]:
+    """(checkpoint to load, how it was chosen). Local directories become absolute; hub ids pass through."""
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if path.resolve() == TINY_CHECKPOINT.resolve():
+            return str(ensure_tiny_checkpoint(path).resolve()), "tiny random-init demo"
+        if path.exists():
+            return str(path.resolve()), "given"
+        return str(checkpoint), "given (hub id)"
+    if (TRAINED_CHECKPOINT / "config.json").exists():
+        return str(TRAINED_CHECKPOINT.resolve()), "trained (default)"
+    return str(ensure_tiny_checkpoint(TINY_CHECKPOINT).resolve()), "tiny random-init demo (default)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Requests and answers.
+
+
+class RequestError(Exception):
+    """A request the deployment refuses: HTTP status, a stable error code and a message for people."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def error_response(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    frame_indices: list[int]
+    num_source_frames: int
+    model: str
+    generation: dict[str, int]
+    batch_size: int  # requests generated together with this one
+    time_s: float
+    timings: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+@dataclass
+class _Job:
+    """One request's model input, on its way through the batch queue."""
+
+    pixel_values: torch.Tensor  # (T, 3, H, W)
+    generation: tuple[tuple[str, int], ...]  # sorted items, so equal settings group together
+
+
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["video"],
+                    "properties": {"video": {"type": "string", "format": "binary"},
+                                   **{name: {"type": "integer"} for name in GENERATION_PARAMS}},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERRORS_DOC = {code: {"model": ErrorResponse, "description": text} for code, text in [
+    (400, "empty body, no file, or a malformed multipart body"), (413, "upload over max_upload_mb"),
+    (422, "not a decodable video, too long, or a generation parameter out of bounds"),
+    (504, "took longer than request_timeout_s")]}
+
+app = FastAPI(
+    title="stgpt captioning",
+    description="SpaceTimeGPT video captioning: upload a video, get a caption. Beam search is batched across "
+                "requests on each replica.",
+    version="1",
+)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}"
+                         for err in exc.errors())
+    return error_response(422, "invalid_parameter", problems)
+
+
+async def _read_multipart(request: Request, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """The one uploaded file of a multipart body, and its text fields. Text is never taken for a path."""
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=len(GENERATION_PARAMS) + 1)
+    except Exception as exc:  # starlette raises HTTPException / MultiPartException for malformed bodies
+        raise RequestError(400, "malformed_multipart", f"cannot parse the multipart body: "
+                                                       f"{getattr(exc, 'detail', None) or exc}") from None
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    uploads = {key: value for key, value in form.multi_items() if not isinstance(value, str)}
+    unknown = sorted((set(fields) - set(GENERATION_PARAMS) - set(UPLOAD_FIELDS))
+                     | (set(uploads) - set(UPLOAD_FIELDS)))
+    if unknown:
+        raise RequestError(422, "invalid_parameter", f"unknown form field(s) {', '.join(unknown)}; "
+                                                     f"known: video (the file), {', '.join(GENERATION_PARAMS)}")
+    if not uploads:
+        named = [key for key in UPLOAD_FIELDS if key in fields]
+        reason = (f"the '{named[0]}' field is text, not a file: upload the video's bytes (the server never "
+                  f"opens paths named in a request)" if named else "no file in the multipart body (field 'video')")
+        raise RequestError(400, "missing_video", reason)
+    upload = next(iter(uploads.values()))
+    data = await upload.read()
+    await form.close()
+    if not data:
+        raise RequestError(400, "empty_body", f"the uploaded file {upload.filename!r} is empty (0 bytes)")
+    return data, {key: value for key, value in fields.items() if key in GENERATION_PARAMS}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The deployment.
+
+
+@serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.ingress(app)
+class CaptionDeployment:
+    """A replica: one model, a decode thread pool, a batch queue for generation."""
+
+    def __init__(self, checkpoint: str, settings: ServeConfig, generation: Optional[dict[str, Any]] = None,
+                 precision: str = "auto", tiny: bool = False):
+        import ray
+
+        from stgpt.inference import Captioner
+
+        if tiny and not Path(checkpoint, "config.json").exists():  # another node built it: build the same here
+            ensure_tiny_checkpoint(checkpoint)
+        use_gpu = bool(ray.get_gpu_ids())  # only a GPU Ray gave this replica
+        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
+        self.settings = settings
+        self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
+        # Per-request defaults start from the checkpoint's own generation config, as offline generation does.
+        saved = self.captioner.model.generation_config
+        generation = dict(generation or {})
+        self.defaults = {name: int(generation.pop(name, getattr(saved, name))) for name in GENERATION_PARAMS}
+        self.fixed_generation = generation  # e.g. length_penalty: the deployment's, not the request's
+        self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._generate.set_max_batch_size(settings.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        logger.info("serving %s on %s (%s): batches of up to %d, waiting up to %.3fs, defaults %s, torch threads %d",
+                    self.captioner.name, self.captioner.device, self.captioner.precision, settings.max_batch_size,
+                    settings.batch_wait_timeout_s, self.defaults, torch.get_num_threads())
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model": self.captioner.name, "device": str(self.captioner.device)}
+
+    @app.post("/caption", response_model=CaptionResponse, responses=_ERRORS_DOC, openapi_extra=_UPLOAD_DOC)
+    async def caption(
+        self,
+        request: Request,
+        num_beams: Optional[int] = Query(None, description="beam width (1 to the deployment's max_beams)"),
+        min_new_tokens: Optional[int] = Query(None, description="at least this many generated tokens"),
+        max_new_tokens: Optional[int] = Query(None, description="at most this many (up to max_new_tokens_limit)"),
+    ):
+        """Caption one uploaded video: multipart field `video`, or the raw body."""
+        start = time.perf_counter()
+        query = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
+        try:
+            unknown = sorted(set(request.query_params) - set(GENERATION_PARAMS))
+            if unknown:
+                raise RequestError(422, "invalid_parameter", f"unknown parameter(s) {', '.join(unknown)}; "
+                                                             f"known: {', '.join(GENERATION_PARAMS)}")
+            return await asyncio.wait_for(self._caption(request, query, start), self.settings.request_timeout_s)
+        except RequestError as exc:
+            return error_response(exc.status, exc.error, exc.detail)
+        except asyncio.TimeoutError:
+            return error_response(504, "timeout", f"no caption within the deployment's request_timeout_s "
+                                                  f"({self.settings.request_timeout_s:g}s); try again later or "
+                                                  f"with fewer beams or tokens")
+        except Exception:  # a bug, not the request's fault: say so, keep serving
+            logger.exception("caption request failed")
+            return error_response(500, "internal_error", "the server failed to caption this video; see its log")
+
+    async def _caption(self, request: Request, query: dict[str, Optional[int]], start: float) -> dict[str, Any]:
+        data, form_params = await self._read_video_bytes(request)
+        generation = self._generation(query, form_params)
+        loop = asyncio.get_running_loop()
+        pixel_values, indices, num_source = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+        decoded = time.perf_counter()
+        result = await self._generate(_Job(pixel_values, tuple(sorted(generation.items()))))
+        if isinstance(result, Exception):
+            raise result
+        text, batch_size = result
+        done = time.perf_counter()
+        return {"caption": text, "frame_indices": indices, "num_source_frames": num_source,
+                "model": self.captioner.name, "generation": generation, "batch_size": batch_size,
+                "time_s": round(done - start, 4),
+                "timings": {"decode_s": round(decoded - start, 4), "generate_s": round(done - decoded, 4)}}
+
+    async def _read_video_bytes(self, request: Request) -> tuple[bytes, dict[str, str]]:
+        """The uploaded bytes (raw body or multipart file) and any generation parameters sent as form fields."""
+        limit = self.max_upload_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "upload_too_large", f"the request body is {int(declared)} bytes; this "
+                                                        f"deployment accepts at most {self.settings.max_upload_mb} MB")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "upload_too_large", f"the request body is over this deployment's "
+                                                            f"{self.settings.max_upload_mb} MB limit")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise RequestError(400, "empty_body", "the request has no body: send the video as a multipart upload "
+                                                  "(field 'video') or as the raw request body")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return body, {}
+        return await _read_multipart(request, body)
+
+    def _generation(self, query: dict[str, Optional[int]], form: dict[str, str]) -> dict[str, int]:
+        """The request's beam-search settings, defaults filled in, each checked against the deployment's bounds."""
+        values = dict(self.defaults)
+        for name in GENERATION_PARAMS:
+            if name in form and query[name] is not None:
+                raise RequestError(422, "invalid_parameter", f"{name} given both in the query and the form")
+            if name in form:
+                try:
+                    values[name] = int(form[name])
+                except ValueError:
+                    raise RequestError(422, "invalid_parameter",
+                                       f"{name} must be an integer, got {form[name][:40]!r}") from None
+            elif query[name] is not None:
+                values[name] = query[name]
+        limits = self.settings
+        if not 1 <= values["num_beams"] <= limits.max_beams:
+            raise RequestError(422, "invalid_parameter",
+                               f"num_beams must be between 1 and {limits.max_beams}, got {values['num_beams']}")
+        if not 1 <= values["max_new_tokens"] <= limits.max_new_tokens_limit:
+            raise RequestError(422, "invalid_parameter", f"max_new_tokens must be between 1 and "
+                                                         f"{limits.max_new_tokens_limit}, got {values['max_new_tokens']}")
+        if not 0 <= values["min_new_tokens"] <= values["max_new_tokens"]:
+            raise RequestError(422, "invalid_parameter", f"min_new_tokens must be between 0 and max_new_tokens "
+                                                         f"({values['max_new_tokens']}), got {values['min_new_tokens']}")
+        return values
+
+    def _prepare(self, data: bytes) -> tuple[torch.Tensor, list[int], int]:
+        """Decode and preprocess, as `Captioner.caption_video` does (runs in the decode pool)."""
+        from stgpt.transforms import to_pixel_values
+        from stgpt.video import read_video
+
+        try:
+            sampled = read_video(data, self.captioner.video.num_frames, name="upload")
+        except VideoDecodeError as exc:
+            raise RequestError(422, "invalid_video", f"cannot decode the upload: {exc.reason}") from None
+        limit = self.settings.max_video_seconds
+        if sampled.fps > 0 and sampled.num_source_frames / sampled.fps > limit:
+            seconds = sampled.num_source_frames / sampled.fps
+            raise RequestError(422, "video_too_long", f"the video is {seconds:.1f}s long; this deployment "
+                                                      f"accepts at most {limit:g}s")
+        pixel_values = to_pixel_values(sampled.frames[None], self.captioner.video)[0]
+        return pixel_values, sampled.indices.tolist(), sampled.num_source_frames
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from the config in __init__
+    async def _generate(self, jobs: list[_Job]) -> list[tuple[str, int] | Exception]:
+        """Beam search for a batch of requests: one `generate` per distinct setting, in the model thread."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for position, job in enumerate(jobs):
+            groups[job.generation].append(position)
+        results: list[Any] = [None] * len(jobs)
+        loop = asyncio.get_running_loop()
+        for generation, positions in groups.items():
+            pixel_values = torch.stack([jobs[p].pixel_values for p in positions])
+            try:
+                texts = await loop.run_in_executor(self._model_thread, self._run_model, pixel_values,
+                                                   {**self.fixed_generation, **dict(generation)})
+            except Exception as exc:  # fail this group's requests only
+                logger.exception("generation failed for a batch of %d", len(positions))
+                texts = [exc] * len(positions)
+            for position, text in zip(positions, texts):
+                results[position] = text if isinstance(text, Exception) else (text, len(jobs))
+        return results
+
+    def _run_model(self, pixel_values: torch.Tensor, generation: dict[str, Any]) -> list[str]:
+        from stgpt.device import autocast
+        from stgpt.model import generate_captions
+
+        captioner = self.captioner
+        with autocast(captioner.device, captioner.precision):
+            return generate_captions(captioner.bundle, pixel_values.to(captioner.device), **generation)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building the application: from a Serve config file's `args`, or from jobs/serve.py.
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """The Serve application (`import_path: stgpt.serving:build_app`).
+
+    `args` keys, all optional:
+      checkpoint: directory or hub id; empty: outputs/train/best if present, else the tiny demo checkpoint;
+      serve: ServeConfig fields (batching, limits, timeout);
+      generation: default beam-search settings (else the checkpoint's generation config);
+      deployment: Serve deployment options applied in code (`num_replicas`, `autoscaling_config`,
+                  `ray_actor_options`, `max_ongoing_requests`, ...). A Serve config file's `deployments:`
+                  section does the same and wins over these;
+      precision: auto | fp32 | bf16 | fp16.
+    """
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise ValueError(f"unknown app arg(s) {', '.join(unknown)}; known: {', '.join(APP_ARGS)}")
+    overrides = [f"serve.{key}={json.dumps(value)}" for key, value in (args.get("serve") or {}).items()]
+    overrides += [f"generation.{key}={json.dumps(value)}" for key, value in (args.get("generation") or {}).items()]
+    cfg = load_config(None, overrides)  # type-checks every key
+    generation = {key: getattr(cfg.generation, key) for key in (args.get("generation") or {})}
+    checkpoint, origin = resolve_checkpoint(args.get("checkpoint"))
+    logger.info("stgpt serving checkpoint %s [%s]", checkpoint, origin)
+    options = dict(args.get("deployment") or {})
+    options.setdefault("max_ongoing_requests", max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * cfg.serve.max_batch_size))
+    deployment = CaptionDeployment.options(**options)
+    return deployment.bind(checkpoint, cfg.serve, generation, args.get("precision", "auto"), "tiny" in origin)
+
+
+@dataclass
+class ServeFile:
+    """What jobs/serve.py needs from a Serve config file: one application and the HTTP options."""
+
+    app_args: dict[str, Any]  # build_app args, the file's `deployments:` options folded into `deployment`
+    name: str
+    route_prefix: str
+    http_options: dict[str, Any] = field(default_factory=dict)
+    proxy_location: Optional[str] = None
+
+
+def load_serve_file(path: str | os.PathLike, app_name: Optional[str] = None) -> ServeFile:
+    """Read a Serve config file (validated with Serve's own schema) for running its stgpt app with `serve.run`."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    schema = ServeDeploySchema.model_validate(raw)
+    apps = [a for a in raw.get("applications", []) if app_name in (None, a.get("name"))]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application{f' named {app_name!r}' if app_name else ''}, "
+                         f"found {len(apps)}")
+    spec = apps[0]
+    args = dict(spec.get("args") or {})
+    deployments = spec.get("deployments") or []
+    mine = [d for d in deployments if d.get("name") == CaptionDeployment.name]
+    if mine:
+        args["deployment"] = {**{k: v for k, v in mine[0].items() if k != "name"}, **(args.get("deployment") or {})}
+    http = schema.http_options.model_dump(exclude_unset=True) if "http_options" in raw else {}
+    return ServeFile(app_args=args, name=spec.get("name", "default"), route_prefix=spec.get("route_prefix", "/"),
+                     http_options=http, proxy_location=raw.get("proxy_location"))
+

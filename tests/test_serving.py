@@ -1,0 +1,322 @@
+"""The caption service on the simulated 3-node cluster: parity with offline generation, batching, every kind of
+bad input (each followed by a good request), the request timeout, autoscaling up and back down, and the client.
+
+Three small apps are deployed once for the module: the main one (batches of up to 4, a 1 MB upload limit, 4 s
+videos at most), one whose timeout is shorter than any generation, and one that autoscales between 1 and 2
+replicas with short delays.
+"""
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from stgpt.config import ConfigError
+from stgpt.inference import Captioner
+from stgpt.serving import build_app, ensure_tiny_checkpoint, load_serve_file, resolve_checkpoint
+from stgpt.synthetic import encode_video, make_synthetic_dataset, plan_dataset, render_video, write_damaged_videos
+
+CHEAP = {"num_beams": 2, "max_new_tokens": 4}  # quick generation for requests that only check the plumbing
+MAX_VIDEO_SECONDS = 4.0
+MAIN_SETTINGS = {"max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_upload_mb": 1,
+                 "max_video_seconds": MAX_VIDEO_SECONDS, "max_beams": 8, "max_new_tokens_limit": 32,
+                 "request_timeout_s": 60}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny checkpoint, four 2 s videos, one 6 s video and damaged files."""
+    root = tmp_path_factory.mktemp("serving")
+    dataset = make_synthetic_dataset(root / "data", num_videos={"test": 4}, size=(64, 64), num_frames=16, fps=8)
+    videos = [dataset.video_path(video_id) for video_id in dataset.video_ids("test")]
+    long_video = root / "long.mp4"
+    spec = plan_dataset({"long": 1}, seed=1, size=(64, 64))["long"][0]
+    encode_video(render_video(spec, (64, 64), num_frames=48), long_video, fps=8)  # 6 s
+    return {"checkpoint": ensure_tiny_checkpoint(root / "tiny"), "videos": videos, "long": long_video,
+            "damaged": write_damaged_videos(root / "damaged", videos[0])}
+
+
+@pytest.fixture(scope="module")
+def offline(assets):
+    """The same checkpoint, captioning offline in this process."""
+    return Captioner.from_pretrained(assets["checkpoint"], use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, assets):
+    """Base URLs of the three apps; Serve is shut down (not Ray) at the end of the module."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"ray_actor_options": {"num_cpus": 0.5}}
+    checkpoint = str(assets["checkpoint"])
+    apps = {
+        "main": build_app({"checkpoint": checkpoint, "serve": MAIN_SETTINGS,
+                           "deployment": {**small, "num_replicas": 1}}),
+        "timeout": build_app({"checkpoint": checkpoint,
+                              "serve": {"request_timeout_s": 0.2, "max_new_tokens_limit": 128},
+                              "deployment": {**small, "num_replicas": 1}}),
+        "autoscale": build_app({"checkpoint": checkpoint, "serve": {"max_batch_size": 2},
+                                "deployment": {**small, "max_ongoing_requests": 4, "autoscaling_config": {
+                                    "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                                    "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
+                                    "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0}}}),
+    }
+    serve.run_many([serve.api.RunTarget(app, name=f"stgpt-{key}", route_prefix=f"/{key}")
+                    for key, app in apps.items()])
+    yield {key: f"http://127.0.0.1:{port}/{key}" for key in apps}
+    for key in apps:
+        serve.delete(f"stgpt-{key}")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with httpx.Client(timeout=60) as http:
+        yield http
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_serves(client: httpx.Client, url: str, video) -> None:
+    response = client.post(f"{url}/caption", params=CHEAP, files={"video": video.read_bytes()})
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["caption"], str)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Without a server: the app builder, the default checkpoint and the config file.
+
+
+def test_tiny_checkpoint_is_rebuilt_identically(tmp_path, assets):
+    again = ensure_tiny_checkpoint(tmp_path / "tiny")
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (again / name).read_bytes() == (assets["checkpoint"] / name).read_bytes(), name
+    assert resolve_checkpoint(again) == (str(again.resolve()), "given")
+    assert resolve_checkpoint("Neleac/timesformer-gpt2-video-captioning")[0] == "Neleac/timesformer-gpt2-video-captioning"
+
+
+def test_app_args_are_checked(assets):
+    with pytest.raises(ValueError, match="unknown app arg"):
+        build_app({"checkpoint": str(assets["checkpoint"]), "max_batch_size": 4})
+    with pytest.raises(ConfigError, match="serve.max_batch_size"):
+        build_app({"checkpoint": str(assets["checkpoint"]), "serve": {"max_batch_size": "eight"}})
+
+
+def test_serve_config_file_carries_batching_autoscaling_and_resources():
+    spec = load_serve_file("configs/serve.yaml")
+    assert spec.app_args["serve"]["max_batch_size"] >= 2
+    deployment = spec.app_args["deployment"]
+    scaling = deployment["autoscaling_config"]
+    assert scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
+    assert "num_cpus" in deployment["ray_actor_options"] and "num_gpus" in deployment["ray_actor_options"]
+    assert deployment["max_ongoing_requests"] >= spec.app_args["serve"]["max_batch_size"]
+    assert spec.http_options["request_timeout_s"] > spec.app_args["serve"]["request_timeout_s"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The service.
+
+
+def test_health_and_openapi_docs(server, client, assets):
+    health = client.get(f"{server['main']}/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "model": str(assets["checkpoint"].resolve()), "device": "cpu"}
+    assert client.get(f"{server['main']}/docs").status_code == 200
+    schema = client.get(f"{server['main']}/openapi.json").json()
+    params = {p["name"] for p in schema["paths"]["/caption"]["post"]["parameters"]}
+    assert params == {"num_beams", "min_new_tokens", "max_new_tokens"}
+
+
+@pytest.mark.parametrize("generation", [{}, {"num_beams": 3, "min_new_tokens": 2, "max_new_tokens": 6}])
+def test_caption_matches_offline_generation(server, client, assets, offline, generation):
+    video = assets["videos"][1]
+    expected = offline.caption_video(video, **generation)
+    defaults = offline.model.generation_config
+    upload = client.post(f"{server['main']}/caption", params=generation, files={"video": video.read_bytes()})
+    raw = client.post(f"{server['main']}/caption", params=generation, content=video.read_bytes())
+    for response in (upload, raw):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["caption"] == expected.caption
+        assert answer["frame_indices"] == expected.frame_indices
+        assert answer["num_source_frames"] == expected.num_source_frames == 16
+        assert answer["model"] == str(assets["checkpoint"].resolve())
+        assert answer["generation"] == {"num_beams": generation.get("num_beams", defaults.num_beams),
+                                        "min_new_tokens": generation.get("min_new_tokens", defaults.min_new_tokens),
+                                        "max_new_tokens": generation.get("max_new_tokens", defaults.max_new_tokens)}
+        assert answer["time_s"] > 0 and set(answer["timings"]) == {"decode_s", "generate_s"}
+
+
+def test_concurrent_requests_are_batched_and_match_offline(server, assets, offline):
+    """Eight requests at once on one replica (batches of up to 4): batched, and each caption is still its own."""
+    generation = {"num_beams": 3, "max_new_tokens": 8}
+    videos = assets["videos"] * 2
+    expected = [offline.caption_video(video, **generation).caption for video in videos]
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(f"{server['main']}/caption", params=generation,
+                                                    files={"video": video.read_bytes()}) for video in videos))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * len(videos), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["caption"] for a in answers] == expected
+    assert max(a["batch_size"] for a in answers) > 1
+    assert all(a["batch_size"] <= MAIN_SETTINGS["max_batch_size"] for a in answers)
+
+
+def _chunks(data: bytes, size: int = 64 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+BAD_REQUESTS = {
+    # name: (request arguments given the assets, status, error code, words the detail must hold)
+    "empty body": (lambda a: {"content": b""}, 400, "empty_body", "no body"),
+    "empty upload": (lambda a: {"files": {"video": ("v.mp4", b"")}}, 400, "empty_body", "empty"),
+    "random bytes": (lambda a: {"content": a["damaged"]["random_bytes"].read_bytes()}, 422, "invalid_video",
+                     "not a video"),
+    "text file uploaded": (lambda a: {"files": {"video": a["damaged"]["text"].read_bytes()}}, 422,
+                           "invalid_video", "not a video"),
+    "truncated mp4": (lambda a: {"content": a["damaged"]["truncated"].read_bytes()}, 422, "invalid_video",
+                      "truncated"),
+    "over the size limit": (lambda a: {"content": bytes(1_500_000)}, 413, "upload_too_large", "1 MB"),
+    "over the size limit, chunked": (lambda a: {"content": _chunks(bytes(1_500_000))}, 413, "upload_too_large",
+                                     "1 MB"),
+    "video too long": (lambda a: {"content": a["long"].read_bytes()}, 422, "video_too_long", "6.0s"),
+    "zero beams": (lambda a: {"params": {"num_beams": 0}, "content": a["videos"][0].read_bytes()}, 422,
+                   "invalid_parameter", "num_beams"),
+    "too many beams": (lambda a: {"params": {"num_beams": 9}, "content": a["videos"][0].read_bytes()}, 422,
+                       "invalid_parameter", "num_beams must be between 1 and 8"),
+    "too many tokens": (lambda a: {"params": {"max_new_tokens": 33}, "content": a["videos"][0].read_bytes()},
+                        422, "invalid_parameter", "max_new_tokens"),
+    "min above max": (lambda a: {"params": {"min_new_tokens": 5, "max_new_tokens": 3},
+                                 "content": a["videos"][0].read_bytes()}, 422, "invalid_parameter", "min_new_tokens"),
+    "not an integer": (lambda a: {"params": {"num_beams": "many"}, "content": a["videos"][0].read_bytes()}, 422,
+                       "invalid_parameter", "num_beams"),
+    "bad form parameter": (lambda a: {"data": {"max_new_tokens": "lots"}, "files": {"video": a["videos"][0].read_bytes()}},
+                           422, "invalid_parameter", "max_new_tokens"),
+    # No endpoint opens a server-side path: as the body, as a form field or as a query parameter.
+    "path as the body": (lambda a: {"content": str(a["videos"][0]).encode()}, 422, "invalid_video", "not a video"),
+    "unknown file field": (lambda a: {"data": {"video": str(a["videos"][0])}, "files": {"other": b"x"}}, 422,
+                           "invalid_parameter", "other"),
+    "malformed multipart": (lambda a: {"content": b"garbage", "headers": {"content-type": "multipart/form-data; "
+                                                                                       "boundary=b"}},
+                            400, None, "multipart"),
+    "path as a query parameter": (lambda a: {"params": {"path": str(a["videos"][0])},
+                                             "content": a["videos"][0].read_bytes()}, 422, "invalid_parameter",
+                                  "unknown parameter"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_answers_4xx_json_and_the_replica_keeps_serving(server, client, assets, name):
+    make_request, status, error, words = BAD_REQUESTS[name]
+    response = client.post(f"{server['main']}/caption", **make_request(assets))
+    assert response.status_code == status, response.text
+    body = response.json()
+    if error is not None:
+        assert body["error"] == error
+    assert words in body["detail"]
+    assert_serves(client, server["main"], assets["videos"][0])
+
+
+def test_text_video_field_is_never_read_as_a_path(server, client, assets):
+    """A multipart body whose `video` is text (a path on the server) is refused without opening it."""
+    path = str(assets["videos"][0])
+    body = (f"--b\r\nContent-Disposition: form-data; name=\"video\"\r\n\r\n{path}\r\n--b--\r\n").encode()
+    response = client.post(f"{server['main']}/caption", content=body,
+                           headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "missing_video" and "never opens paths" in response.json()["detail"]
+    assert_serves(client, server["main"], assets["videos"][0])
+
+
+def test_slow_request_gets_a_timeout_answer(server, client, assets):
+    """Generation far longer than the app's 0.2 s timeout: a 504 JSON answer, and the replica still answers."""
+    heavy = {"num_beams": 8, "min_new_tokens": 128, "max_new_tokens": 128}
+    for _ in range(2):
+        response = client.post(f"{server['timeout']}/caption", params=heavy,
+                               files={"video": assets["videos"][0].read_bytes()})
+        assert response.status_code == 504, response.text
+        assert response.json()["error"] == "timeout" and "0.2s" in response.json()["detail"]
+    assert client.get(f"{server['timeout']}/healthz").status_code == 200
+
+
+def running_replicas(app: str) -> dict[str, int]:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments["CaptionDeployment"].replica_states
+    return {str(getattr(state, "value", state)): count for state, count in states.items()}
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, assets):
+    """Six clients keep requests in flight (target: 1 per replica) until a second replica runs, then stop."""
+    url = f"{server['autoscale']}/caption"
+    generation = {"num_beams": 4, "min_new_tokens": 16, "max_new_tokens": 16}
+    video = assets["videos"][2].read_bytes()
+    assert running_replicas("stgpt-autoscale") == {"RUNNING": 1}
+
+    async def load(deadline: float) -> tuple[int, list[int]]:
+        """Keep six requests in flight until two replicas run (or the deadline); the peak and every status."""
+        statuses, peak, stop = [], 0, asyncio.Event()
+
+        async def watch():
+            nonlocal peak
+            while time.monotonic() < deadline and peak < 2:
+                peak = max(peak, running_replicas("stgpt-autoscale").get("RUNNING", 0))
+                await asyncio.sleep(0.5)
+            stop.set()
+
+        async def client_loop(http):
+            while not stop.is_set():
+                response = await http.post(url, params=generation, files={"video": video})
+                statuses.append(response.status_code)
+
+        async with httpx.AsyncClient(timeout=60) as http:
+            await asyncio.gather(watch(), *(client_loop(http) for _ in range(6)))
+        return peak, statuses
+
+    peak, statuses = asyncio.run(load(time.monotonic() + 120))
+    assert peak >= 2, f"no second replica after {len(statuses)} requests"
+    assert statuses and set(statuses) == {200}
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and running_replicas("stgpt-autoscale") != {"RUNNING": 1}:
+        time.sleep(0.5)
+    assert running_replicas("stgpt-autoscale") == {"RUNNING": 1}
+    with httpx.Client(timeout=60) as http:  # and the one left still serves
+        assert_serves(http, server["autoscale"], assets["videos"][2])
+
+
+def test_client_and_cli_against_the_server(server, assets, offline, capsys):
+    from stgpt.cli import main
+    from stgpt.client import CaptionRequestError, caption
+
+    video = assets["videos"][3]
+    expected = offline.caption_video(video, **CHEAP)
+    answer = caption(video, server["main"], **CHEAP)
+    assert answer["caption"] == expected.caption and answer["frame_indices"] == expected.frame_indices
+    assert caption(video.read_bytes(), f"{server['main']}/caption", **CHEAP)["caption"] == expected.caption
+
+    with pytest.raises(CaptionRequestError) as refused:
+        caption(assets["damaged"]["truncated"], server["main"])
+    assert refused.value.status_code == 422 and refused.value.error == "invalid_video"
+
+    assert main(["caption", str(video), "--url", server["main"], "--num-beams", "2", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected.caption + "\n"
+    assert main(["caption", str(video), "--url", server["main"], "--num-beams", "2", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frame_indices"] == expected.frame_indices
+    assert main(["caption", str(assets["long"]), "--url", server["main"]]) == 1
+    assert "video_too_long" in capsys.readouterr().err
