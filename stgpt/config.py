@@ -120,12 +120,17 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
+    """jobs/evaluate.py: the pool of captioning actors, the split to caption, and how scoring is reported."""
+
     output_dir: str = "outputs/eval"
-    num_actors: int = 2
-    use_gpu: bool = False
+    num_actors: int = 2  # captioning actors, each loading the checkpoint once
+    use_gpu: bool = False  # one GPU per actor
     cpus_per_actor: float = 1.0
-    batch_size: int = 8
-    metric_workers: int = 2
+    batch_size: int = 8  # videos per beam search
+    metric_workers: int = 2  # Ray actors that score (1: in the driver)
+    split: str = "test"  # which split's shards to caption when --data is a shard folder
+    precision: str = "fp32"  # fp32 keeps scores independent of the GPU; "auto" is bf16/fp16 on GPUs
+    worst: int = 10  # how many of the lowest-CIDEr-D videos to list
 
 
 @dataclass
