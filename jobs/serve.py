@@ -1,0 +1,76 @@
+"""Serve captions over HTTP on a local Ray: the app and settings of configs/serve.yaml, run with `serve.run`.
+
+    python jobs/serve.py                                  # default checkpoint (trained if present, else tiny)
+    python jobs/serve.py --checkpoint outputs/train/best --port 8000 serve.max_batch_size=16
+    curl -F video=@clip.mp4 http://127.0.0.1:8000/caption    # or: stgpt caption clip.mp4
+
+`key=value` overrides go into the app's args: `serve.*` (batching, limits, timeout) and `generation.*` (default
+beam search). For a cluster, use the same file with `serve deploy configs/serve.yaml`.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stgpt.config import CONFIG_DIR  # noqa: E402
+from stgpt.serving import build_app, load_serve_file, resolve_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="directory or hub id (default: trained checkpoint, else tiny demo)")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "serve.yaml"), help="Serve config file")
+    parser.add_argument("--host", help="override http_options.host")
+    parser.add_argument("--port", type=int, help="override http_options.port")
+    parser.add_argument("--num-replicas", type=int, help="a fixed number of replicas instead of autoscaling")
+    parser.add_argument("overrides", nargs="*", help="serve.KEY=VALUE or generation.KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    spec = load_serve_file(args.config)
+    app_args = dict(spec.app_args)
+    checkpoint, origin = resolve_checkpoint(args.checkpoint or app_args.get("checkpoint"))
+    app_args["checkpoint"] = checkpoint
+    print(f"Serving checkpoint {checkpoint} [{origin}]", flush=True)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in ("serve", "generation") or not name:
+            parser.error(f"override {item!r} must look like serve.KEY=VALUE or generation.KEY=VALUE")
+        app_args[section] = {**(app_args.get(section) or {}), name: yaml.safe_load(value)}
+    if args.num_replicas:
+        deployment = dict(app_args.get("deployment") or {})
+        deployment.pop("autoscaling_config", None)
+        app_args["deployment"] = {**deployment, "num_replicas": args.num_replicas}
+    http = {**spec.http_options, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v}}
+
+    import ray
+    from ray import serve
+
+    # RAY_ADDRESS joins a running cluster on purpose; otherwise start a fresh local Ray, never someone else's.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    serve.start(http_options=http, proxy_location=spec.proxy_location)
+    app = build_app(app_args)
+    serve.run(app, name=spec.name, route_prefix=spec.route_prefix)
+    host = http.get("host", "127.0.0.1")
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
+    base += spec.route_prefix.rstrip("/")
+    print(f"Captioning at {base}/caption (docs: {base}/docs, health: {base}/healthz). Ctrl-C stops.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
