@@ -1,0 +1,525 @@
+"""Caption metrics as coco-caption computes them, exact when spread over Ray workers.
+
+Scores are CIDEr-D (pycocoevalcap's `Cider`, the headline number), plain CIDEr, BLEU-1..4, METEOR and ROUGE-L,
+all after coco-caption's PTB tokenisation. Three of them are corpus-level, so splitting the videos into shards
+and averaging shard scores would give wrong numbers:
+
+* CIDEr weighs n-grams by document frequencies over the *whole* reference corpus. Shards count their own
+  references' n-grams, the driver adds the counts up (they are integers, so the sum is exact) and every shard
+  then scores its videos against the same global table.
+* Corpus BLEU is a function of n-gram match counts summed over all videos: shards return per-video counts
+  and the driver runs pycocoevalcap's `BleuScorer` over all of them.
+* METEOR's corpus score comes from statistics summed by the METEOR jar's `EVAL` command, not from a mean of
+  segment scores: shards compute the per-segment statistics (the expensive alignments) and one jar evaluates
+  all of them once.
+
+PTB tokenisation is not split: the Stanford lexer looks across line ends (a sentence-final "a." becomes
+"a ." only if the next line starts with a capital), so tokenising chunks changes tokens at chunk edges. The
+driver tokenises all references in one Java run and all predictions in another, concurrently, exactly as
+pycocoevalcap's users do; that takes about a second, while the shards' METEOR jars are loading anyway.
+
+One shard is a `_Shard`: it runs in this process (`num_workers` None or 1) or as a Ray actor. It is an actor,
+not a task, because its METEOR jar takes seconds to load its paraphrase table: it starts loading when the
+shard is created, aligns the shard's segments while the rest of the work goes on, and stays alive for the
+final `EVAL`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+CIDER_D = "CIDEr-D"
+CIDER = "CIDEr"
+BLEU = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+METEOR = "METEOR"
+ROUGE_L = "ROUGE-L"
+METRICS: tuple[str, ...] = (CIDER_D, CIDER, *BLEU, METEOR, ROUGE_L)
+
+# What each number is; printed under the table and stored in metrics.json so nobody mistakes the variant.
+METRIC_NOTES = {
+    CIDER_D: "CIDEr-D as pycocoevalcap's Cider computes it: clipped n-gram weights, Gaussian length penalty "
+    "(sigma 6), document frequencies of the reference corpus; the headline metric",
+    CIDER: "plain CIDEr: tf-idf cosine similarity of 1- to 4-grams, no clipping, no length penalty, document "
+    "frequencies of the reference corpus, x10",
+    "BLEU-n": "corpus BLEU of pycocoevalcap's Bleu (closest reference length)",
+    METEOR: "METEOR 1.5 (-l en -norm) corpus score from summed segment statistics, as pycocoevalcap's Meteor",
+    ROUGE_L: "ROUGE-L (beta 1.2) mean over videos, as pycocoevalcap's Rouge",
+}
+
+_NGRAM_ORDERS = 4  # CIDEr and BLEU both use 1- to 4-grams
+_CIDER_SIGMA = 6.0  # CIDEr-D's length-penalty width, pycocoevalcap's default
+# Characters the PTB tokenizer treats as line ends. pycocoevalcap only replaces "\n", so any of the others
+# inside a caption shifts every later caption onto the wrong video; we replace them all with spaces.
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\u2028\u2029"})
+
+
+@dataclass
+class MetricsReport:
+    """Scores of one evaluation, on the videos that have both a prediction and references.
+
+    Scores keep pycocoevalcap's scale (BLEU, METEOR, ROUGE-L in 0..1, CIDEr in 0..10); `format_table` shows
+    them x100 as papers do.
+    """
+
+    corpus: dict[str, float]
+    per_video: dict[str, dict[str, float]]
+    predictions_without_reference: list[str] = field(default_factory=list)
+    references_without_prediction: list[str] = field(default_factory=list)
+    empty_predictions: list[str] = field(default_factory=list)
+    num_workers: int = 1
+    node_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scored(self) -> int:
+        """How many videos were scored (predictions that have references)."""
+        return len(self.per_video)
+
+    def worst(self, n: int = 10, metric: str = CIDER_D) -> list[tuple[str, float]]:
+        """The `n` videos with the lowest `metric`, lowest first, for error analysis."""
+        if metric not in self.corpus:
+            raise ValueError(f"{metric!r} was not computed; available: {sorted(self.corpus)}")
+        ranked = sorted(self.per_video.items(), key=lambda item: (item[1][metric], item[0]))
+        return [(video_id, scores[metric]) for video_id, scores in ranked[:n]]
+
+    def format_table(self, worst: int = 5) -> str:
+        """A readable table for stdout: corpus scores x100, what was left out, and the worst videos."""
+        lines = [f"Caption metrics on {self.num_scored:,} videos (x100; {self.num_workers} worker(s))", ""]
+        lines += [f"  {'metric':<9} {'score':>7}", f"  {'-' * 9} {'-' * 7}"]
+        lines += [f"  {name:<9} {100 * value:>7.2f}" for name, value in self.corpus.items()]
+        lines.append("")
+        lines += [f"  {name}: {note}" for name, note in METRIC_NOTES.items() if _note_applies(name, self.corpus)]
+        lines += [
+            "",
+            f"Not scored: {len(self.predictions_without_reference):,} prediction(s) without references, "
+            f"{len(self.references_without_prediction):,} reference video(s) without a prediction.",
+        ]
+        if self.empty_predictions:
+            lines.append(f"Empty predictions (scored as they are): {len(self.empty_predictions):,}.")
+        headline = CIDER_D if CIDER_D in self.corpus else next(iter(self.corpus))
+        if worst and self.per_video:
+            lines += ["", f"Worst {min(worst, self.num_scored)} by {headline}:"]
+            lines += [f"  {100 * score:7.2f}  {video_id}" for video_id, score in self.worst(worst, headline)]
+        return "\n".join(lines)
+
+    def to_dict(self, per_video: bool = True) -> dict[str, Any]:
+        """Everything as plain JSON types; `per_video=False` leaves the per-video scores out."""
+        out: dict[str, Any] = {
+            "num_scored": self.num_scored,
+            "corpus": self.corpus,
+            "notes": {name: note for name, note in METRIC_NOTES.items() if _note_applies(name, self.corpus)},
+            "predictions_without_reference": self.predictions_without_reference,
+            "references_without_prediction": self.references_without_prediction,
+            "empty_predictions": self.empty_predictions,
+            "num_workers": self.num_workers,
+            "node_ids": self.node_ids,
+        }
+        if per_video:
+            out["per_video"] = self.per_video
+        return out
+
+    def to_json(self, per_video: bool = True) -> str:
+        """The report as JSON text, e.g. for a job's metrics.json."""
+        return json.dumps(self.to_dict(per_video=per_video), indent=2)
+
+
+def _note_applies(name: str, corpus: Mapping[str, float]) -> bool:
+    return name in corpus or (name == "BLEU-n" and any(b in corpus for b in BLEU))
+
+
+def score_captions(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    num_workers: int | None = None,
+    metrics: Iterable[str] = METRICS,
+) -> MetricsReport:
+    """Score predicted captions against references, as single-process pycocoevalcap would.
+
+    `predictions` maps a video id to its caption, `references` a video id to its reference captions. Only
+    videos in both are scored; the others are listed in the report. `num_workers` None or 1 scores in this
+    process; more spreads the videos over that many Ray actors (capped at the cluster's CPUs), initialising a
+    local Ray if none is. `metrics` picks a subset of `METRICS`.
+    """
+    wanted = _check_metrics(metrics)
+    ids, without_reference, without_prediction = _pair_up(predictions, references)
+    pairs = [(vid, predictions[vid], list(references[vid])) for vid in ids]
+    if not ids:
+        raise ValueError(
+            f"no video has both a prediction and references ({len(predictions)} prediction(s), "
+            f"{len(references)} reference video(s)): check that both use the same video ids"
+        )
+    _check_java()
+
+    num_shards = _shard_count(num_workers, len(pairs))
+    if num_shards == 1:
+        results, meteor = _score_in_process(pairs, wanted)
+        node_ids: list[str] = []
+    else:
+        results, meteor, node_ids = _score_on_ray(pairs, wanted, num_shards)
+
+    corpus, per_video = _combine(ids, results, meteor, wanted)
+    return MetricsReport(
+        corpus=corpus,
+        per_video=per_video,
+        predictions_without_reference=without_reference,
+        references_without_prediction=without_prediction,
+        empty_predictions=[vid for vid in ids if not predictions[vid].strip()],
+        num_workers=num_shards,
+        node_ids=node_ids,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    wanted = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in wanted if m not in METRICS]
+    if unknown or not wanted:
+        raise ValueError(f"unknown or no metrics {unknown}; choose from {list(METRICS)}")
+    return tuple(m for m in METRICS if m in wanted)  # canonical order
+
+
+def _pair_up(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[list[str], list[str], list[str]]:
+    """Ids to score (in prediction order), predictions without references, references without prediction."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    if not references:
+        raise ValueError("no references to score against")
+    for vid, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise TypeError(f"prediction for {vid!r} is {type(caption).__name__}, not a caption string")
+    for vid, captions in references.items():
+        if isinstance(captions, str) or not isinstance(captions, Sequence):
+            raise TypeError(f"references for {vid!r} must be a list of caption strings, not {type(captions).__name__}")
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"references for {vid!r} contain a non-string caption")
+    empty = [vid for vid in predictions if vid in references and not references[vid]]
+    if empty:
+        raise ValueError(f"{len(empty)} video(s) have an empty reference list, e.g. {empty[:5]}")
+    ids = [vid for vid in predictions if vid in references]
+    without_reference = [vid for vid in predictions if vid not in references]
+    without_prediction = [vid for vid in references if vid not in predictions]
+    return ids, without_reference, without_prediction
+
+
+def _check_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError("PTB tokenisation and METEOR run Java (pycocoevalcap's jars): install a JRE")
+
+
+def _shard_count(num_workers: int | None, num_videos: int) -> int:
+    if num_workers is None or num_workers <= 1:
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(num_workers, cpus, num_videos))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running shards: in this process or as Ray actors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _score_in_process(pairs: list[tuple], wanted: tuple[str, ...]) -> tuple[list["_ShardResult"], "_MeteorEval | None"]:
+    shard = _Shard(wanted)
+    try:
+        document_frequency = shard.count_ngrams(*_tokenize(pairs))
+        result = shard.score(document_frequency, len(pairs))
+        meteor = shard.meteor_eval(result.meteor_stats) if METEOR in wanted else None
+    finally:
+        shard.close()
+    return [result], meteor
+
+
+def _score_on_ray(
+    pairs: list[tuple], wanted: tuple[str, ...], num_shards: int
+) -> tuple[list["_ShardResult"], "_MeteorEval | None", list[str]]:
+    import ray
+
+    actor_class = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_Shard)
+    shards = [actor_class.remote(wanted) for _ in range(num_shards)]  # their METEOR jars start loading now
+    try:
+        hyps, refs = _tokenize(pairs)
+        bounds = np.linspace(0, len(pairs), num_shards + 1).astype(int)
+        slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        partial_counts = ray.get([s.count_ngrams.remote(hyps[sl], refs[sl]) for s, sl in zip(shards, slices)])
+        # Document frequencies of the whole reference corpus: the shards' counts add up exactly.
+        document_frequency = _add_counts(partial_counts)
+        frequency_ref = ray.put(document_frequency)
+        results = ray.get([s.score.remote(frequency_ref, len(pairs)) for s in shards])
+        meteor = None
+        if METEOR in wanted:
+            all_stats = [stat for r in results for stat in r.meteor_stats]
+            meteor = ray.get(shards[0].meteor_eval.remote(all_stats))
+    finally:
+        ray.get([s.close.remote() for s in shards])
+        for s in shards:
+            ray.kill(s)
+    return results, meteor, sorted({r.node_id for r in results})
+
+
+def _add_counts(parts: list[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One shard's work
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ShardResult:
+    """Per-video scores of one shard, in the shard's video order, and what the corpus scores need."""
+
+    cider_d: list[float]
+    cider: list[float]
+    rouge_l: list[float]
+    bleu_stats: list[dict]  # pycocoevalcap's cook_test output per video
+    meteor_stats: list[str]  # METEOR jar's segment statistics per video
+    node_id: str
+
+
+@dataclass
+class _MeteorEval:
+    corpus: float
+    per_video: list[float]
+
+
+class _Shard:
+    """Scores a slice of the videos: count n-grams, then score once the corpus counts are known."""
+
+    def __init__(self, metrics: tuple[str, ...]):
+        self._metrics = metrics
+        self._meteor = _start_meteor() if METEOR in metrics else None  # loads while the driver tokenises
+        self._meteor_thread: threading.Thread | None = None
+        self._meteor_stats: list[str] = []
+        self._hyps: list[str] = []
+        self._refs: list[list[str]] = []
+        self._hyp_counts: list[list[dict[str, int]]] = []
+        self._ref_counts: list[list[list[dict[str, int]]]] = []
+
+    def count_ngrams(self, hyps: list[str], refs: list[list[str]]) -> dict[str, int]:
+        """Take tokenised captions, start METEOR aligning, return this shard's reference document frequencies."""
+        self._hyps, self._refs = hyps, refs
+        if self._meteor is not None:
+            self._meteor_thread = threading.Thread(target=self._align_meteor, daemon=True)
+            self._meteor_thread.start()
+        if CIDER_D not in self._metrics and CIDER not in self._metrics:
+            return {}
+        self._hyp_counts = [_ngram_counts(h) for h in self._hyps]
+        self._ref_counts = [[_ngram_counts(r) for r in refs] for refs in self._refs]
+        frequency: Counter[str] = Counter()
+        for refs in self._ref_counts:
+            frequency.update({ngram for ref in refs for order in ref for ngram in order})
+        return dict(frequency)
+
+    def score(self, document_frequency: Mapping[str, int], num_videos: int) -> _ShardResult:
+        """Score this shard's videos given the whole corpus's document frequencies and size."""
+        cider_d: list[float] = []
+        cider: list[float] = []
+        if self._hyp_counts:
+            cider_d, cider = _cider(self._hyp_counts, self._ref_counts, document_frequency, num_videos)
+        bleu_stats = []
+        if any(b in self._metrics for b in BLEU):
+            bleu_stats = [_bleu_stats(h, refs) for h, refs in zip(self._hyps, self._refs)]
+        rouge_l = []
+        if ROUGE_L in self._metrics:
+            rouge_l = [_rouge_l(h, refs) for h, refs in zip(self._hyps, self._refs)]
+        if self._meteor_thread is not None:
+            self._meteor_thread.join()
+        return _ShardResult(cider_d, cider, rouge_l, bleu_stats, self._meteor_stats, _node_id())
+
+    def meteor_eval(self, stats: list[str]) -> _MeteorEval:
+        """Run the METEOR jar's EVAL over the statistics of *all* shards: the corpus score and per video."""
+        assert self._meteor is not None
+        meteor = self._meteor
+        with meteor.lock:
+            meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            meteor.meteor_p.stdin.flush()
+            per_video = [float(meteor.meteor_p.stdout.readline().strip()) for _ in stats]
+            corpus = float(meteor.meteor_p.stdout.readline().strip())
+        return _MeteorEval(corpus, per_video)
+
+    def close(self) -> None:
+        """Stop the METEOR jar (an actor killed by Ray would otherwise leave it running)."""
+        if self._meteor is not None:
+            self._meteor.meteor_p.kill()
+            self._meteor.meteor_p.wait()
+            self._meteor = None
+
+    def _align_meteor(self) -> None:
+        assert self._meteor is not None
+        self._meteor_stats = [self._meteor._stat(h, refs) for h, refs in zip(self._hyps, self._refs)]
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # pragma: no cover - no Ray at all
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metric kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tokenize(pairs: list[tuple[str, str, list[str]]]) -> tuple[list[str], list[list[str]]]:
+    """PTB-tokenise as pycocoevalcap's users do: all references in one Java run, all predictions in another.
+
+    The two runs go concurrently. Each sees exactly the lines it would see in coco-caption, which matters
+    because the lexer looks across line ends.
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    def captions(texts: Iterable[list[str]]) -> dict[int, list[dict[str, str]]]:
+        return {i: [{"caption": c.translate(_LINE_BREAKS)} for c in group] for i, group in enumerate(texts)}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        refs = pool.submit(PTBTokenizer().tokenize, captions(refs for _, _, refs in pairs))
+        hyps = pool.submit(PTBTokenizer().tokenize, captions([hyp] for _, hyp, _ in pairs))
+        refs_by_video, hyps_by_video = refs.result(), hyps.result()
+    return [hyps_by_video[i][0] for i in range(len(pairs))], [refs_by_video[i] for i in range(len(pairs))]
+
+
+def _ngram_counts(sentence: str) -> list[dict[str, int]]:
+    """Counts of the 1- to 4-grams of a tokenised sentence, one dict per order, n-grams as space-joined text."""
+    words = sentence.split()
+    counts = [Counter(words)]
+    grams = words
+    for _ in range(1, _NGRAM_ORDERS):
+        grams = [g + " " + w for g, w in zip(grams, words[len(words) - len(grams) + 1 :])]
+        counts.append(Counter(grams))
+    return counts
+
+
+def _cider(
+    hyp_counts: list[list[dict[str, int]]],
+    ref_counts: list[list[list[dict[str, int]]]],
+    document_frequency: Mapping[str, int],
+    num_videos: int,
+) -> tuple[list[float], list[float]]:
+    """Per-video CIDEr-D (as pycocoevalcap's CiderScorer) and plain CIDEr, sharing the tf-idf vectors.
+
+    Both weigh an n-gram by term frequency x log(corpus size / document frequency) and average, over the 1- to
+    4-gram orders and over references, the cosine similarity of prediction and reference, x10. CIDEr-D
+    clips the prediction's weights at the reference's and multiplies by exp(-(length difference)^2 / 2
+    sigma^2), with lengths counted as pycocoevalcap does (number of bigrams).
+    """
+    log_corpus = math.log(float(num_videos))
+    idf_cache: dict[str, float] = {}
+
+    def tfidf(counts: list[dict[str, int]]) -> tuple[list[dict[str, float]], list[float], int]:
+        vectors, norms = [], []
+        for order in counts:
+            vec = {}
+            for gram, tf in order.items():
+                idf = idf_cache.get(gram)
+                if idf is None:
+                    idf = idf_cache[gram] = log_corpus - math.log(max(1.0, document_frequency.get(gram, 0.0)))
+                vec[gram] = tf * idf
+            vectors.append(vec)
+            norms.append(math.sqrt(sum(v * v for v in vec.values())))
+        return vectors, norms, sum(counts[1].values())
+
+    penalty_denominator = 2 * _CIDER_SIGMA**2
+    cider_d, cider = [], []
+    for hyp, refs in zip(hyp_counts, ref_counts):
+        hyp_vecs, hyp_norms, hyp_len = tfidf(hyp)
+        clipped_sum = [0.0] * _NGRAM_ORDERS
+        plain_sum = [0.0] * _NGRAM_ORDERS
+        for ref in refs:
+            ref_vecs, ref_norms, ref_len = tfidf(ref)
+            penalty = math.exp(-((hyp_len - ref_len) ** 2) / penalty_denominator)
+            for n in range(_NGRAM_ORDERS):
+                ref_vec = ref_vecs[n]
+                clipped = plain = 0.0
+                for gram, weight in hyp_vecs[n].items():
+                    ref_weight = ref_vec.get(gram, 0.0)
+                    clipped += min(weight, ref_weight) * ref_weight
+                    plain += weight * ref_weight
+                if hyp_norms[n] != 0 and ref_norms[n] != 0:
+                    clipped /= hyp_norms[n] * ref_norms[n]
+                    plain /= hyp_norms[n] * ref_norms[n]
+                clipped_sum[n] += clipped * penalty
+                plain_sum[n] += plain
+        cider_d.append(sum(clipped_sum) / _NGRAM_ORDERS / len(refs) * 10.0)
+        cider.append(sum(plain_sum) / _NGRAM_ORDERS / len(refs) * 10.0)
+    return cider_d, cider
+
+
+def _bleu_stats(hyp: str, refs: list[str]) -> dict:
+    """pycocoevalcap's per-sentence BLEU statistics (lengths, n-gram guesses and matches)."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    return cook_test(hyp, cook_refs(refs))
+
+
+def _corpus_bleu(stats: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Corpus and per-video BLEU-1..4 from all videos' statistics, by pycocoevalcap's BleuScorer."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    scorer.ctest = list(stats)
+    scorer.crefs = [None] * len(stats)  # only its length is used once the statistics are cooked
+    return scorer.compute_score(option="closest", verbose=0)
+
+
+def _rouge_l(hyp: str, refs: list[str]) -> float:
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    return Rouge().calc_score([hyp], refs)
+
+
+def _start_meteor():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Combining shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _combine(
+    ids: list[str], results: list[_ShardResult], meteor: _MeteorEval | None, wanted: tuple[str, ...]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Corpus and per-video scores from the shards' results, which are in `ids` order."""
+    per_metric: dict[str, list[float]] = {}
+    corpus: dict[str, float] = {}
+    for name, attribute in ((CIDER_D, "cider_d"), (CIDER, "cider"), (ROUGE_L, "rouge_l")):
+        if name in wanted:
+            per_metric[name] = [score for r in results for score in getattr(r, attribute)]
+            corpus[name] = float(np.mean(np.array(per_metric[name])))
+    bleu_names = [b for b in BLEU if b in wanted]
+    if bleu_names:
+        bleu, bleu_per_video = _corpus_bleu([s for r in results for s in r.bleu_stats])
+        for k, name in enumerate(BLEU):
+            if name in wanted:
+                corpus[name], per_metric[name] = float(bleu[k]), bleu_per_video[k]
+    if meteor is not None:
+        corpus[METEOR], per_metric[METEOR] = meteor.corpus, meteor.per_video
+    corpus = {name: corpus[name] for name in METRICS if name in corpus}
+    per_video = {vid: {name: float(per_metric[name][i]) for name in corpus} for i, vid in enumerate(ids)}
+    return corpus, per_video
