@@ -53,12 +53,15 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import posixpath
 import re
 import socket
+import subprocess
+import sys
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -73,6 +76,7 @@ from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_fil
 FORMAT_VERSION = 1
 METADATA_KEY = b"stgpt"
 WORK_DIR = "_work"
+ATTEMPTS_DIR = f"{WORK_DIR}/attempts"
 # JPEG/PNG bytes do not compress further; everything else is small and compresses well.
 _COMPRESSION = {name: ("none" if name == "frames" else "zstd") for name in SCHEMA.names}
 
@@ -218,7 +222,8 @@ class OutputFolder:
         self.fs, self.root = pafs.FileSystem.from_uri(target)
         self.root = self.root.rstrip("/") or "/"
         if create:
-            self.fs.create_dir(f"{self.root}/{WORK_DIR}/tmp", recursive=True)
+            for folder in (f"{WORK_DIR}/tmp", ATTEMPTS_DIR):
+                self.fs.create_dir(self.path(folder), recursive=True)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -298,7 +303,7 @@ class OutputFolder:
             return pq.read_table(handle, schema=SCHEMA)
 
     def clean_temporary(self) -> None:
-        for name in self.names(f"{WORK_DIR}/tmp"):
+        for name in self.names(f"{WORK_DIR}/tmp") | self.names(ATTEMPTS_DIR):
             self.delete(name)
 
 
@@ -372,6 +377,10 @@ class PiecePreprocessor:
         from stgpt.video import VideoDecodeError
 
         start = time.perf_counter()
+        # Ray runs a piece again when its worker died. If a video crashed the decoder (segfault), it would again:
+        # from the second attempt on, each video is decoded in a child process, whose death is that video's error.
+        isolated = self._begin_attempt(piece) > 0
+        decode = preprocess_video_isolated if isolated else preprocess_video
         rows, errors = [], []
         for video_id, path, captions in zip(piece.video_ids, piece.paths, piece.captions):
             if path is None:
@@ -379,7 +388,7 @@ class PiecePreprocessor:
                                      "video file not found (looked for .mp4 and .webm)"))
                 continue
             try:
-                row = preprocess_video(path, self.video, self.encoding, self.jpeg_quality, name=path)
+                row = decode(path, self.video, self.encoding, self.jpeg_quality, name=path)
             except VideoDecodeError as exc:
                 errors.append(_error(piece, video_id, path, exc.reason))
                 continue
@@ -390,6 +399,7 @@ class PiecePreprocessor:
         report = {
             "piece": piece.piece, "num_pieces": piece.num_pieces, "rows": len(rows), "errors": errors,
             "node_id": self.node_id, "host": self.host, "seconds": round(time.perf_counter() - start, 3),
+            "isolated": isolated,
         }
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         if piece.num_pieces == 1:
@@ -398,9 +408,63 @@ class PiecePreprocessor:
         else:
             self.folder.write_parquet(piece.file_name, [table], {"format": FORMAT_VERSION, "split": piece.split,
                                                                  "part": piece.part, **report})
+        for name in self.folder.names(ATTEMPTS_DIR):
+            if posixpath.basename(name).startswith(_attempt_prefix(piece)):
+                self.folder.delete(name)
         return {"split": piece.split, "part": piece.part, "piece": piece.piece, "rows": len(rows),
                 "errors": len(errors), "node_id": self.node_id, "seconds": report["seconds"],
                 "bytes": int(table.nbytes)}
+
+
+    def _begin_attempt(self, piece: Piece) -> int:
+        """Record that this piece is being worked on; returns how many earlier attempts of this run did not finish."""
+        prefix = _attempt_prefix(piece)
+        earlier = sum(1 for name in self.folder.names(ATTEMPTS_DIR) if posixpath.basename(name).startswith(prefix))
+        self.folder.write_bytes(f"{ATTEMPTS_DIR}/{prefix}{uuid.uuid4().hex}", self.host.encode())
+        return earlier
+
+
+def _attempt_prefix(piece: Piece) -> str:
+    return f"{piece.split}-part-{piece.part:05d}-piece-{piece.piece:05d}."
+
+
+# Decodes one video in a fresh interpreter; a list so that tests can put a crashing command in its place.
+ISOLATED_COMMAND = [sys.executable, "-c", "from stgpt.preprocessing import _isolated_main; _isolated_main()"]
+
+
+def preprocess_video_isolated(source: str, video: VideoConfig, encoding: str = "jpeg", jpeg_quality: int = 95,
+                              name: str | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+    """`preprocess_video` in a child process: a decoder that crashes or hangs fails this video, not the worker."""
+    from stgpt.video import VideoDecodeError
+
+    request = json.dumps({"source": source, "video": dataclasses.asdict(video), "encoding": encoding,
+                          "jpeg_quality": jpeg_quality, "name": name})
+    label = name or source
+    try:
+        done = subprocess.run(ISOLATED_COMMAND, input=request.encode(), capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise VideoDecodeError(label, f"decoding took over {timeout_s:.0f} s (stopped)") from None
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+        raise VideoDecodeError(label, f"the decoder crashed on this file ({how})")
+    status, value = pickle.loads(done.stdout)
+    if status == "error":
+        raise VideoDecodeError(label, value)
+    return value
+
+
+def _isolated_main() -> None:
+    from stgpt.video import VideoDecodeError
+
+    request = json.loads(sys.stdin.buffer.read())
+    request["video"] = VideoConfig(**request["video"])
+    try:
+        result = ("ok", preprocess_video(**request))
+    except VideoDecodeError as exc:
+        result = ("error", exc.reason)
+    except Exception as exc:
+        result = ("error", f"unexpected {type(exc).__name__}: {exc}"[:500])
+    sys.stdout.buffer.write(pickle.dumps(result))
 
 
 def _error(piece: Piece, video_id: str, path: str, reason: str) -> dict[str, Any]:
@@ -552,7 +616,7 @@ def preprocess(
                 f"{plan.source.videos}; they go to the errors file")
 
     folder = OutputFolder(output)
-    folder.clean_temporary()
+    folder.clean_temporary()  # a new run: temporary files and attempt counts of earlier runs are void
     start = time.perf_counter()
     todo: list[Piece] = []
     pending: dict[tuple[str, int], set[int]] = {}  # parts to assemble from pieces: pieces still missing

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -16,15 +15,21 @@ import pytest
 
 from stgpt.annotations import VideoAnnotation, load_annotations, save_annotations
 from stgpt.config import load_config
+from stgpt import preprocessing
 from stgpt.preprocessing import (
+    OutputFolder,
+    PiecePreprocessor,
     PreprocessError,
     SplitInput,
+    plan_split,
     preprocess,
     preprocess_video,
+    preprocess_video_isolated,
     read_errors,
     read_shard_metadata,
     split_name,
 )
+from stgpt.video import VideoDecodeError
 from stgpt.shards import list_shards, row_frames
 from stgpt.synthetic import make_synthetic_dataset, write_damaged_videos
 from stgpt.video import read_video, sample_indices
@@ -254,3 +259,42 @@ def test_split_names_and_incomplete_splits(tmp_path):
     assert len(list_shards(tmp_path, "train", require_complete=False)) == 2
     with pytest.raises(FileNotFoundError, match="no shards"):
         list_shards(tmp_path, "validation")
+
+
+def test_default_run_preprocesses_every_synthetic_split(ray_cluster, tmp_path, capsys):
+    """No annotation file given: the job makes the synthetic dataset and preprocesses all of its splits."""
+    shards = tmp_path / "shards"
+    code = load_job().main(["--no-progress", f"data.root={tmp_path / 'data'}", f"data.shards={shards}",
+                            "data.synthetic_train=5", "data.synthetic_validation=2", "data.synthetic_test=2",
+                            "preprocess.videos_per_task=2", "preprocess.concurrency=2"])
+    assert code == 0
+    assert "videos in: 9, rows written: 9, errors: 0" in capsys.readouterr().out
+    for split, count in (("train", 5), ("validation", 2), ("test", 2)):
+        rows = [r for path in list_shards(shards, split) for r in pq.read_table(path).to_pylist()]
+        assert len(rows) == count and {r["split"] for r in rows} == {split}
+        assert {r["height"] for r in rows} == {96}  # the default config, configs/tiny.yaml: 96 px crops
+
+
+def test_a_decoder_crash_fails_only_that_video(data, monkeypatch):
+    cfg = config()
+    path = str(data["dataset"].video_path(min(set(data["entries"]) - data["bad"])))
+    assert preprocess_video_isolated(path, cfg.video) == preprocess_video(path, cfg.video)
+    monkeypatch.setattr(preprocessing, "ISOLATED_COMMAND", [sys.executable, "-c", "import os; os.abort()"])
+    with pytest.raises(VideoDecodeError, match=r"decoder crashed on this file \(signal 6\)"):
+        preprocess_video_isolated(path, cfg.video)
+
+
+def test_a_piece_retried_after_its_worker_died_decodes_in_child_processes(ray_cluster, data, tmp_path):
+    cfg = config()
+    source = SplitInput("train", str(data["annotations"]), str(data["dataset"].video_dir))
+    piece = plan_split(source, 8, 3).pieces(0)[1]  # sorted IDs: bad_truncated, gone_..., synth_train_00000
+    folder = OutputFolder(tmp_path)
+    folder.write_bytes(f"{preprocessing.ATTEMPTS_DIR}/{preprocessing._attempt_prefix(piece)}earlier", b"")
+    worker = PiecePreprocessor(str(tmp_path), cfg.video.__dict__, "jpeg", 95)
+    report = worker.process(piece)
+    metadata = folder.read_metadata(piece.file_name)
+    assert metadata["isolated"] and report["rows"] + report["errors"] == len(piece.video_ids) == 3
+    assert {e["video_id"] for e in metadata["errors"]} == set(piece.video_ids) & data["bad"]
+    assert "truncated" in next(e["reason"] for e in metadata["errors"] if e["video_id"] == "bad_truncated")
+    assert report["rows"] == 1
+    assert not folder.names(preprocessing.ATTEMPTS_DIR)  # finished: its attempt records are gone
