@@ -250,6 +250,11 @@ class CaptionDeployment:
         self.fixed_generation = generation  # e.g. length_penalty: the deployment's, not the request's
         self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        # Ray's batch loop closes the next batch as soon as the current one is launched, not when it finishes, so
+        # requests that arrive while the model is busy would go into small batches closed within
+        # batch_wait_timeout_s. They wait here instead, and enter the batch queue together once the model is free.
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
         self._generate.set_max_batch_size(settings.max_batch_size)
         self._generate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         logger.info("serving %s on %s (%s): batches of up to %d, waiting up to %.3fs, defaults %s, torch threads %d",
@@ -293,6 +298,7 @@ class CaptionDeployment:
         loop = asyncio.get_running_loop()
         pixel_values, indices, num_source = await loop.run_in_executor(self._decode_pool, self._prepare, data)
         decoded = time.perf_counter()
+        await self._model_idle.wait()
         result = await self._generate(_Job(pixel_values, tuple(sorted(generation.items()))))
         if isinstance(result, Exception):
             raise result
@@ -376,16 +382,20 @@ class CaptionDeployment:
             groups[job.generation].append(position)
         results: list[Any] = [None] * len(jobs)
         loop = asyncio.get_running_loop()
-        for generation, positions in groups.items():
-            pixel_values = torch.stack([jobs[p].pixel_values for p in positions])
-            try:
-                texts = await loop.run_in_executor(self._model_thread, self._run_model, pixel_values,
-                                                   {**self.fixed_generation, **dict(generation)})
-            except Exception as exc:  # fail this group's requests only
-                logger.exception("generation failed for a batch of %d", len(positions))
-                texts = [exc] * len(positions)
-            for position, text in zip(positions, texts):
-                results[position] = text if isinstance(text, Exception) else (text, len(jobs))
+        self._model_idle.clear()
+        try:
+            for generation, positions in groups.items():
+                pixel_values = torch.stack([jobs[p].pixel_values for p in positions])
+                try:
+                    texts = await loop.run_in_executor(self._model_thread, self._run_model, pixel_values,
+                                                       {**self.fixed_generation, **dict(generation)})
+                except Exception as exc:  # fail this group's requests only
+                    logger.exception("generation failed for a batch of %d", len(positions))
+                    texts = [exc] * len(positions)
+                for position, text in zip(positions, texts):
+                    results[position] = text if isinstance(text, Exception) else (text, len(jobs))
+        finally:
+            self._model_idle.set()
         return results
 
     def _run_model(self, pixel_values: torch.Tensor, generation: dict[str, Any]) -> list[str]:

@@ -52,7 +52,8 @@ def server(ray_cluster, assets):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"ray_actor_options": {"num_cpus": 0.5}}
+    small = {"ray_actor_options": {"num_cpus": 0.5}, "graceful_shutdown_wait_loop_s": 0.5,
+             "graceful_shutdown_timeout_s": 5}
     checkpoint = str(assets["checkpoint"])
     apps = {
         "main": build_app({"checkpoint": checkpoint, "serve": MAIN_SETTINGS,
