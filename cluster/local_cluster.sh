@@ -6,8 +6,11 @@
 #                                   [--object-store-mb M] [--state-dir DIR] [--owner-pid PID] [--timeout S]
 #   cluster/local_cluster.sh status [--state-dir DIR | --port P]
 #   cluster/local_cluster.sh stop   [--state-dir DIR | --port P] [--timeout S] [--clean]
+# Defaults: 2 workers, 2 CPUs and 512 MB of object store per node, no GPUs, free ports, start timeout 180 s,
+# stop grace 30 s. status/stop without --state-dir/--port act on the last cluster started without --state-dir.
 #
-# Then, from the repository root:
+# Then, from the repository root (the nodes use Ray token authentication, see below):
+#   export RAY_AUTH_MODE=token
 #   ray job submit --address http://127.0.0.1:D --working-dir . -- python jobs/train.py --config configs/tiny.yaml
 #
 # Every node is its own `ray start --block` process, started in its own session (setsid) with its own --temp-dir
@@ -34,7 +37,7 @@ POINTER="${TMPDIR:-/tmp}/stgpt-local-cluster-$(id -u).last"
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
-usage() { sed -n '2,9p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; }
 
 find_tools() {
     RAY_BIN="${RAY:-$(command -v ray || true)}"
@@ -388,7 +391,7 @@ cmd_stop() {
 }
 
 COMMAND="${1:-}"; [ $# -gt 0 ] && shift
-WORKERS=2 CPUS=2 GPUS=0 OBJECT_STORE_MB=512 PORT="" DASHBOARD_PORT="" STATE_DIR="" OWNER_PID="" TIMEOUT=90 CLEAN=0
+WORKERS=2 CPUS=2 GPUS=0 OBJECT_STORE_MB=512 PORT="" DASHBOARD_PORT="" STATE_DIR="" OWNER_PID="" TIMEOUT="" CLEAN=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
@@ -406,9 +409,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$COMMAND" in
-    start) cmd_start ;;
+    start) TIMEOUT="${TIMEOUT:-180}"; cmd_start ;;
     status) cmd_status ;;
-    stop) [ "$TIMEOUT" = 90 ] && TIMEOUT=30; cmd_stop ;;
+    stop) TIMEOUT="${TIMEOUT:-30}"; is_uint "$TIMEOUT" || die "not a number: $TIMEOUT"; cmd_stop ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
 esac

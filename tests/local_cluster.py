@@ -97,7 +97,7 @@ def _run_script(args: Sequence[str], env: Mapping[str, str], timeout: float) -> 
 
 @contextlib.contextmanager
 def local_ray_cluster(num_workers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 256,
-                      start_timeout: float = 120, keep_logs: bool | None = None) -> Iterator[LocalRayCluster]:
+                      start_timeout: float = 240, keep_logs: bool | None = None) -> Iterator[LocalRayCluster]:
     """Start a head plus `num_workers` worker nodes (each with `cpus_per_node` CPUs); stop them on exit.
 
     Raises RuntimeError if the cluster does not start, or (when the body itself succeeded) if stopping leaves a
