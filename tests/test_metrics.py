@@ -172,6 +172,22 @@ def test_per_shard_document_frequencies_would_be_wrong(ray_cluster):
     assert_same_scores(report, expected, (CIDER_D,))
 
 
+def test_rouge_and_bleu_kernels_equal_pycocoevalcap_on_random_sentences():
+    """The faster ROUGE-L (bit-parallel LCS) and BLEU statistics (from shared n-gram counts) change nothing."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    from stgpt.metrics import _bleu_stats, _ngram_counts, _rouge_l
+
+    rng = random.Random(11)
+    words = ["a", "b", "c", "d", "e", "a b", "f"]  # few words: many repeats and long common subsequences
+    for _ in range(500):
+        hyp = " ".join(rng.choices(words, k=rng.randint(0, 70)))
+        refs = [" ".join(rng.choices(words, k=rng.randint(0, 70))) for _ in range(rng.randint(1, 5))]
+        assert _rouge_l(hyp, refs) == Rouge().calc_score([hyp], refs)
+        hyp_counts, ref_counts = _ngram_counts(hyp), [_ngram_counts(r) for r in refs]
+        assert _bleu_stats(hyp_counts, ref_counts) == cook_test(hyp, cook_refs(refs))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The real data
 # ----------------------------------------------------------------------------------------------------------
