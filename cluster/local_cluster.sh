@@ -52,11 +52,14 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 # --- process bookkeeping (Python: /proc parsing, process trees, signals) -------------------------------------
 # pids file: one line per tracked process, "<name> <pid> <start time in clock ticks>" (the start time guards
 # against signalling an unrelated process that reused a pid).
-proc_start_time() { "$PYTHON" -c 'import sys
-try:
-    print(open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()[19])
-except OSError:
-    sys.exit(1)' "$1"; }
+proc_start_time() {  # prints the start time of live (non-zombie) process $1; fails if there is none
+    local stat rest
+    [[ "$1" =~ ^[0-9]+$ ]] && read -r stat 2>/dev/null < "/proc/$1/stat" || return 1
+    rest="${stat##*) }"  # the fields after "pid (command) ": state is the 1st, the start time the 20th
+    set -- $rest
+    [ "$1" != Z ] && [ "$1" != X ] && [ -n "${20:-}" ] || return 1
+    echo "${20}"
+}
 
 # stop_procs STATE_DIR TIMEOUT: end every process of the cluster recorded in STATE_DIR/pids; exit 1 if any is left.
 stop_procs() {
