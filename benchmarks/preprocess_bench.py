@@ -346,11 +346,16 @@ def report(results: dict, codecs: list, workers: int, base: int, scale: int) -> 
     cpu_ratio = cpu_per_video(original) / cpu_per_video(ours)
     e2e = (ours["rows"] / ours["wall_s"]) / (original["rows"] / original["wall_s"])
     bytes_ratio = (ours["bytes"] / ours["rows"]) / (original["bytes"] / original["rows"])
+    from benchmarks._results import machine_info
+
     lines = [
-        f"Machine: {os.cpu_count()} CPU cores (shared with other work: 1-minute load average "
-        f"{min(r['load'] for r in results.values()):.1f}-{max(r['load'] for r in results.values()):.1f} "
-        f"during the runs), no GPU; {workers} worker processes on each side; clips of {SECONDS} s at {FPS} fps, "
-        f"{WIDTH}x{HEIGHT}, H.264 with a keyframe every {GOP // FPS} s; 8 frames per video stored at 224x224.",
+        f"## Preprocessing: this pipeline vs the original, {base} and {scale} videos",
+        "",
+        f"Host: {machine_info()}; no GPU. 1-minute load average {min(r['load'] for r in results.values()):.1f}-"
+        f"{max(r['load'] for r in results.values()):.1f} around the runs (the machine is shared; CPU s/video is the "
+        f"figure that load does not skew). {workers} worker processes on each side; clips of {SECONDS} s at {FPS} "
+        f"fps, {WIDTH}x{HEIGHT}, H.264 with a keyframe every {GOP // FPS} s; 8 frames per video stored at 224x224. "
+        "One run of each; `benchmarks/preprocess_bench.py`.",
         "",
         "| side | videos | videos/s | videos/s per worker | CPU s/video (job) | wall incl. start-up | bytes/video | "
         "peak PSS job | peak PSS incl. Ray daemons |",

@@ -609,6 +609,9 @@ def preprocess(
     names = [s.split for s in sources]
     if len(set(names)) != len(names):
         raise PreprocessError(f"split names must differ, got {names} (pass --split to name them)")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise PreprocessError(f"split name {name!r} must be letters, digits, '_' or '-' (it names files)")
     plans = [plan_split(source, pcfg.rows_per_shard, pcfg.videos_per_task) for source in sources]
     for plan in plans:
         if plan.missing:

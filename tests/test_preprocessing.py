@@ -262,15 +262,20 @@ def test_split_names_and_incomplete_splits(tmp_path):
 
 
 def test_default_run_preprocesses_every_synthetic_split(ray_cluster, tmp_path, capsys):
-    """No annotation file given: the job makes the synthetic dataset and preprocesses all of its splits."""
-    shards = tmp_path / "shards"
+    """No annotation file given: the job makes the synthetic dataset and preprocesses all of its splits.
+
+    The output is given as a URI, the way s3:// or gs:// would be, so all output I/O goes through pyarrow.fs.
+    """
+    shards = f"file://{tmp_path / 'shards'}"
     code = load_job().main(["--no-progress", f"data.root={tmp_path / 'data'}", f"data.shards={shards}",
                             "data.synthetic_train=5", "data.synthetic_validation=2", "data.synthetic_test=2",
                             "preprocess.videos_per_task=2", "preprocess.concurrency=2"])
     assert code == 0
     assert "videos in: 9, rows written: 9, errors: 0" in capsys.readouterr().out
     for split, count in (("train", 5), ("validation", 2), ("test", 2)):
-        rows = [r for path in list_shards(shards, split) for r in pq.read_table(path).to_pylist()]
+        paths = list_shards(shards, split)
+        assert all(path.startswith("file://") for path in paths)
+        rows = [r for path in paths for r in pq.read_table(path).to_pylist()]
         assert len(rows) == count and {r["split"] for r in rows} == {split}
         assert {r["height"] for r in rows} == {96}  # the default config, configs/tiny.yaml: 96 px crops
 
