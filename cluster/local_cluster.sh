@@ -200,8 +200,8 @@ launch() {
         "$RAY_BIN" start --block --temp-dir "$STATE_DIR/$name" "$@" \
         </dev/null >"$STATE_DIR/$name.log" 2>&1 &
     local i
-    for i in $(seq 1 100); do [ -s "$pidfile" ] && break; sleep 0.05; done
-    [ -s "$pidfile" ] || die "could not start node $name"
+    for i in $(seq 1 600); do [ -s "$pidfile" ] && break; sleep 0.05; done
+    [ -s "$pidfile" ] || fail_start "node $name did not start in 30 s"
     local pid; pid="$(cat "$pidfile")"
     echo "$name $pid $(proc_start_time "$pid" || echo 0)" >> "$STATE_DIR/pids"
 }
