@@ -12,6 +12,8 @@ preprocessing (`read_video`, `to_pixel_values`) run in a small thread pool, so t
 accept, decode and queue other requests. Generation goes through `@serve.batch`, which collects up to
 `max_batch_size` requests (waiting at most `batch_wait_timeout_s`) and runs one batched beam search in a single
 model thread; requests with different generation parameters share the wait but are generated in separate groups.
+Decoded requests enter the batch queue only while the model is idle: Ray closes the next batch as soon as the
+current one starts, so without that gate requests arriving mid-generation go into small early batches.
 Every request runs under `request_timeout_s` and answers 504 JSON past it. Every failure is a JSON
 `{"error": code, "detail": message}`; a bad request never takes the replica down.
 
@@ -21,6 +23,9 @@ the same video, parameters and checkpoint give the same caption (tests/test_serv
 `build_app(args)` is the Serve `import_path` entry (`stgpt.serving:build_app`, see configs/serve.yaml); with no
 checkpoint it serves `outputs/train/best` if training left one there, else a tiny random-init demo checkpoint it
 builds once under `outputs/serve/tiny`.
+
+(No `from __future__ import annotations` here: FastAPI reads the route signatures of the ingress class at run
+time. Helpers the deployment calls are defined above it, because Serve pickles the class where it is decorated.)
 """
 
 import asyncio
