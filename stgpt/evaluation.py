@@ -1,0 +1,611 @@
+"""Evaluation: caption a split on a pool of Ray actors, then score the captions as coco-caption does.
+
+    shards or videos -> Ray Data -> map_batches(CaptionActor) -> predictions + errors -> score_captions -> files
+
+Inputs are the Parquet shards of a split (what jobs/preprocess.py writes: uint8 frames, decoded on the actors)
+or raw videos named by an annotation file (decoded on the actors with `read_video`). Each actor of the pool
+loads the checkpoint once and runs beam search with the config's `generation` settings on batches of
+`evaluate.batch_size` videos, on one GPU (`evaluate.use_gpu`) or on `evaluate.cpus_per_actor` CPUs. It runs
+`Captioner.caption_frames`, the code single-process captioning and serving run, so the captions are theirs.
+
+Nothing lost, nothing twice: every input row becomes exactly one prediction or one error record (a video that
+does not decode, a shard row with damaged frames, a missing file, a second row of one video ID), and the
+driver checks that count before scoring. Videos that preprocessing already rejected are carried over from the
+shards' metadata, so `errors.jsonl` accounts for the whole split.
+
+Scoring is `stgpt.metrics.score_captions` (CIDEr-D, CIDEr, BLEU-1..4, METEOR, ROUGE-L, equal to pycocoevalcap),
+spread over `evaluate.metric_workers` Ray actors; references carrying the synthetic dataset's attributes also
+give per-attribute accuracy. Files written to the output folder:
+
+    generated_captions.json   [{"image_id", "caption"}]: SpaceTimeGPT's own file, COCO result format
+    metrics.json              corpus scores and what each variant is, counts, ids not scored, worst videos,
+                              attribute accuracy, checkpoint, data and generation settings, nodes, timings
+    per_video_scores.jsonl    {"video_id", <metric>: score, ..., "prediction", "reference"} per scored video
+    errors.jsonl              {"video_id", "path", "reason", "stage"} per video with no caption
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from stgpt.annotations import VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
+from stgpt.config import Config, GenerationConfig
+
+GENERATED_CAPTIONS = "generated_captions.json"
+METRICS_FILE = "metrics.json"
+PER_VIDEO_FILE = "per_video_scores.jsonl"
+ERRORS_FILE = "errors.jsonl"
+
+# With no --checkpoint: training's best if there is one, else a tiny random-init model (said loudly).
+TRAINED_CHECKPOINT = Path(Config().train.output_dir) / "best"  # outputs/train/best, relative to the working dir
+UNTRAINED_CHECKPOINT = Path("outputs/eval/untrained-tiny")
+UNTRAINED_SEED = 0
+UNTRAINED_NOTE = ("UNTRAINED: a tiny random-init model, since there is no trained checkpoint at "
+                  f"{TRAINED_CHECKPOINT} (run jobs/train.py first); its captions and scores mean nothing")
+
+ACTOR_START_TIMEOUT_S = 600  # loading a checkpoint is slow; a pool that cannot be placed at all fails after this
+SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width"]  # what the actors need of a shard row
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that ran but has nothing to score, or whose accounting does not add up."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# What to caption: shard rows or raw videos, with the references to score against.
+
+
+@dataclass
+class EvalInput:
+    """The rows to caption, in order, and the references; `errors` are videos known to have no row."""
+
+    kind: str  # "shards" or "videos"
+    source: str  # where the rows come from, for the report
+    video_ids: list[str]  # one per input row, in input order (shard rows may repeat an ID)
+    references: dict[str, list[str]]
+    shard_files: list[str] = field(default_factory=list)  # kind "shards"
+    video_paths: dict[str, str] = field(default_factory=dict)  # kind "videos": ID -> file
+    attributes: dict[str, dict] | None = None  # the synthetic dataset's objects, for attribute accuracy
+    errors: list[dict] = field(default_factory=list)  # missing files, videos preprocessing could not use
+
+
+def shard_input(data: str | os.PathLike, split: str = "test", references: str | os.PathLike | None = None,
+                ) -> EvalInput:
+    """Rows of a split's shards: a shard folder (its complete `split`), a glob of shard files, or one file.
+
+    References are the rows' own captions unless a `references` file is given (then every video it names is
+    expected). Attributes come from that file, or from the annotation file named in the folder's manifest.
+    """
+    import pyarrow.parquet as pq
+
+    from stgpt.shards import list_shards
+
+    text = os.fspath(data)
+    if glob.has_magic(text):
+        files = sorted(os.path.abspath(f) for f in glob.glob(text))
+        if not files:
+            raise FileNotFoundError(f"no shard files match {text}")
+    elif text.endswith(".parquet"):
+        if "://" not in text and not os.path.isfile(text):
+            raise FileNotFoundError(f"shard file {text} does not exist")
+        files = [text if "://" in text else os.path.abspath(text)]
+    else:
+        files = list_shards(text, split)
+    video_ids: list[str] = []
+    captions: dict[str, list[str]] = {}
+    errors: list[dict] = []
+    for path in files:
+        table = pq.read_table(path, columns=["video_id", "captions"])
+        for video_id, row_captions in zip(table.column("video_id").to_pylist(), table.column("captions").to_pylist()):
+            video_ids.append(video_id)
+            captions.setdefault(video_id, list(row_captions or []))
+        errors += [_error(e["video_id"], e.get("path", path), e["reason"], "preprocess") for e in _shard_errors(path)]
+    inputs = EvalInput("shards", text, video_ids, captions, shard_files=files, errors=errors)
+    if references is not None:
+        inputs.references, inputs.attributes = _read_references(references)
+    else:
+        inputs.attributes = _manifest_attributes(files[0], split)
+    return inputs
+
+
+def video_input(annotations: str | os.PathLike, videos: str | os.PathLike,
+                references: str | os.PathLike | None = None) -> EvalInput:
+    """Raw videos: one row per annotated video with a file in `videos`; the others are errors already."""
+    entries = load_annotations(annotations)
+    found, missing = find_videos([a.video_id for a in entries], videos)
+    errors = [_error(v, f"{os.fspath(videos).rstrip('/')}/{v}.mp4", "video file not found (looked for .mp4 and "
+                     ".webm)", "find") for v in missing]
+    inputs = EvalInput("videos", os.fspath(annotations), [a.video_id for a in entries if a.video_id in found],
+                       {a.video_id: list(a.captions) for a in entries}, video_paths=found,
+                       attributes=_attributes(entries), errors=errors)
+    if references is not None:
+        inputs.references, inputs.attributes = _read_references(references)
+    return inputs
+
+
+def _read_references(path: str | os.PathLike) -> tuple[dict[str, list[str]], dict[str, dict] | None]:
+    entries = load_annotations(path)
+    return {a.video_id: list(a.captions) for a in entries}, _attributes(entries)
+
+
+def _attributes(entries: Sequence[VideoAnnotation]) -> dict[str, dict] | None:
+    found = {a.video_id: a.extra["attributes"] for a in entries if isinstance(a.extra.get("attributes"), dict)}
+    return found or None
+
+
+def _shard_errors(path: str) -> list[dict]:
+    """The videos preprocessing could not use, as the shard's metadata records them (none if it has none)."""
+    from stgpt.preprocessing import read_shard_metadata
+
+    try:
+        return list(read_shard_metadata(path).get("errors", []))
+    except (KeyError, ValueError, OSError):  # a shard written by another tool: no stgpt metadata
+        return []
+
+
+def _manifest_attributes(shard_path: str, split: str) -> dict[str, dict] | None:
+    """Attributes from the annotation file preprocessing recorded in `<split>-manifest.json`, if it has any."""
+    if "://" in shard_path:
+        return None
+    manifest = Path(shard_path).parent / f"{split}-manifest.json"
+    try:
+        annotations = json.loads(manifest.read_text())["annotations"]
+        return _attributes(load_annotations(annotations)) if os.path.isfile(annotations) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _error(video_id: str, path: str, reason: str, stage: str) -> dict[str, str]:
+    return {"video_id": video_id, "path": path, "reason": reason, "stage": stage}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The actors.
+
+
+def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
+    """The config's beam search as `generate` keyword arguments, as `stgpt.model.generation_config` sets them."""
+    return {"num_beams": gen.num_beams, "min_new_tokens": gen.min_new_tokens, "max_new_tokens": gen.max_new_tokens,
+            "length_penalty": gen.length_penalty, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
+            "early_stopping": gen.num_beams > 1, "do_sample": False}
+
+
+class CaptionActor:
+    """Ray Data callable class: loads the checkpoint once, then captions a batch of rows per call.
+
+    A row is a shard row (encoded frames) or a video file (`path`). Each row comes back once, with its caption
+    or with the reason it has none: a bad video must not stop the job.
+    """
+
+    def __init__(self, checkpoint: str, generation: dict[str, Any], use_gpu: bool = False,
+                 precision: str = "fp32", num_threads: int = 1):
+        import ray
+        import torch
+
+        from stgpt.inference import Captioner
+
+        torch.set_num_threads(max(1, num_threads))
+        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
+        self.generation = generation
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        ids = [str(v) for v in batch["video_id"]]
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [""] * len(ids)
+        captions, errors, stages = [""] * len(ids), [""] * len(ids), [""] * len(ids)
+        frames, ready = [], []
+        for i in range(len(ids)):
+            try:
+                frames.append(self._frames(batch, i))
+                ready.append(i)
+            except Exception as exc:  # VideoDecodeError, ShardRowError, or an odd file crashing the decoder
+                errors[i], stages[i] = _reason(exc), "decode"
+        for i, result in zip(ready, self._caption(frames)):
+            if isinstance(result, Exception):
+                errors[i], stages[i] = _reason(result), "generate"
+            else:
+                captions[i] = result
+        return {"video_id": ids, "caption": captions, "error": errors, "stage": stages, "path": paths,
+                "node_id": [self.node_id] * len(ids)}
+
+    def _frames(self, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+        """uint8 `(T, crop, crop, 3)` frames of row i, resized and cropped as the model expects."""
+        from stgpt.shards import row_frames
+        from stgpt.transforms import resize_and_crop
+        from stgpt.video import read_video
+
+        video = self.captioner.video
+        if "frames" in batch:
+            row = {key: batch[key][i] for key in ("video_id", "frames", "encoding", "height", "width")}
+            frames = row_frames(row, video.num_frames)
+        else:
+            frames = read_video(_read_source(str(batch["path"][i])), video.num_frames, name=str(batch["path"][i])).frames
+        if frames.shape[1:3] != (video.crop_size, video.crop_size):
+            frames = resize_and_crop(frames, video.short_side, video.crop_size).numpy()
+        return frames
+
+    def _caption(self, frames: list[np.ndarray]) -> list[str | Exception]:
+        """One beam search over the batch; if it fails, each video alone, so one bad input costs one caption."""
+        if not frames:
+            return []
+        try:
+            return list(self.captioner.caption_frames(np.stack(frames), **self.generation))
+        except Exception:
+            results: list[str | Exception] = []
+            for one in frames:
+                try:
+                    results.append(self.captioner.caption_frames(one[None], **self.generation)[0])
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
+
+def _read_source(path: str) -> str | bytes:
+    """Local files go to the decoder by path; other filesystems (s3://, gs://) are read through pyarrow."""
+    if "://" not in path or path.startswith("file://"):
+        return path.removeprefix("file://")
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"[:500]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generation on Ray Data.
+
+
+@dataclass
+class GenerationResult:
+    """Captions in input order, the videos without one, and how the work spread."""
+
+    predictions: dict[str, str]
+    errors: list[dict[str, str]]
+    nodes: dict[str, int]  # node ID -> rows its actors handled
+    seconds: float
+
+
+def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
+                    log: Callable[[str], None] = print) -> GenerationResult:
+    """Caption every input row on a pool of `evaluate.num_actors` CaptionActors; one prediction or error each."""
+    import ray
+
+    ecfg = cfg.evaluate
+    start = time.perf_counter()
+    rows = len(inputs.video_ids)
+    outputs: list[dict[str, Any]] = []
+    num_actors = ecfg.num_actors
+    if inputs.kind == "shards" and not ecfg.use_gpu:
+        num_actors = _actors_leaving_a_cpu(num_actors, ecfg.cpus_per_actor, log)
+    if rows:
+        # About one block per batch, so the pool's actors share the work from the first batch on.
+        num_blocks = max(1, min(rows, math.ceil(rows / ecfg.batch_size)))
+        if inputs.kind == "shards":
+            dataset = ray.data.read_parquet(inputs.shard_files, include_paths=True, override_num_blocks=num_blocks)
+            dataset = dataset.select_columns([*SHARD_COLUMNS, "path"])  # pushed into the read: no captions
+            # A read block is a whole file (or several small ones); cut into batch-sized blocks, streaming,
+            # so every actor of the pool gets work instead of one actor a whole shard.
+            dataset = dataset.repartition(target_num_rows_per_block=ecfg.batch_size)
+        else:
+            items = [{"video_id": v, "path": inputs.video_paths[v]} for v in inputs.video_ids]
+            dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
+        dataset = dataset.map_batches(
+            CaptionActor,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
+                                   "use_gpu": ecfg.use_gpu, "precision": ecfg.precision,
+                                   "num_threads": max(1, int(ecfg.cpus_per_actor))},
+            batch_size=ecfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=num_actors`, deprecated in 2.51
+            num_gpus=1 if ecfg.use_gpu else 0,
+            num_cpus=ecfg.cpus_per_actor,
+        )  # Ray Data places the pool's actors with its SPREAD strategy: one per node while nodes are free
+        # Start the whole pool before the first batch: the first actor up would otherwise take every batch of a
+        # small split, and a pool the cluster cannot hold (no GPUs) fails with a message instead of waiting.
+        dataset.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        try:
+            outputs = list(dataset.iter_rows())
+        except ray.exceptions.GetTimeoutError:
+            raise EvaluationError(
+                f"{num_actors} captioning actor(s) of {ecfg.cpus_per_actor:g} CPU and {int(ecfg.use_gpu)} GPU "
+                f"did not start within {ACTOR_START_TIMEOUT_S} s: the cluster ({ray.cluster_resources()}) cannot "
+                "hold them; lower evaluate.num_actors or evaluate.cpus_per_actor") from None
+    return _account(inputs, outputs, time.perf_counter() - start)
+
+
+def _actors_leaving_a_cpu(num_actors: int, cpus_per_actor: float, log: Callable[[str], None]) -> int:
+    """As many CPU actors as fit with one CPU to spare.
+
+    The pool starts all its actors first; Ray Data's Parquet listing and read tasks need a CPU of their own, so
+    a pool holding every CPU would wait for its input forever (on a 2-core machine, 2 actors of 1 CPU do).
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if cpus - cpus_per_actor < 1.0:
+        raise EvaluationError(f"the cluster has {cpus:g} CPU(s): one actor of evaluate.cpus_per_actor="
+                              f"{cpus_per_actor:g} would leave none to read shards with; lower cpus_per_actor")
+    fit = int((cpus - 1.0) // cpus_per_actor)
+    if num_actors > fit:
+        log(f"evaluate.num_actors={num_actors} x {cpus_per_actor} CPU would leave no CPU of the cluster's "
+            f"{cpus:g} to read shards with: using {fit} actor(s)")
+        return fit
+    return num_actors
+
+
+def _account(inputs: EvalInput, outputs: list[dict[str, Any]], seconds: float) -> GenerationResult:
+    """Match the actors' rows to the input rows: each becomes one prediction or one error, in input order."""
+    got = Counter(str(row["video_id"]) for row in outputs)
+    if got != Counter(inputs.video_ids):
+        lost, extra = Counter(inputs.video_ids) - got, got - Counter(inputs.video_ids)
+        raise EvaluationError(f"captioning returned {len(outputs)} rows for {len(inputs.video_ids)} inputs "
+                              f"(missing {sorted(lost)[:5]}, unexpected {sorted(extra)[:5]})")
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    nodes: Counter = Counter()
+    for row in outputs:
+        by_id[str(row["video_id"])].append(row)
+        nodes[str(row["node_id"])] += 1
+    predictions: dict[str, str] = {}
+    errors = list(inputs.errors)
+    for video_id in inputs.video_ids:
+        row = by_id[video_id].pop()
+        if row["error"]:
+            errors.append(_error(video_id, str(row["path"]), str(row["error"]), str(row["stage"])))
+        elif video_id in predictions:
+            errors.append(_error(video_id, str(row["path"]), "another row of this video ID was captioned first; "
+                                 "this one is not scored", "duplicate"))
+        else:
+            predictions[video_id] = str(row["caption"])
+    return GenerationResult(predictions, errors, dict(nodes), seconds)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring and the output files.
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation produced; `summary` is metrics.json, `format` the text for stdout."""
+
+    output_dir: Path
+    report: Any  # stgpt.metrics.MetricsReport
+    predictions: dict[str, str]
+    references: dict[str, list[str]]
+    errors: list[dict[str, str]]
+    attribute_accuracy: dict[str, float] | None
+    info: dict[str, Any]  # mode, checkpoint, data, generation settings, counts of inputs, nodes, timings
+    worst: int = 10
+
+    def worst_videos(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The `n` lowest-CIDEr-D videos with their prediction and first reference, lowest first."""
+        from stgpt.metrics import CIDER_D
+
+        metric = CIDER_D if CIDER_D in self.report.corpus else next(iter(self.report.corpus))
+        return [{"video_id": video_id, metric: score, "prediction": self.predictions[video_id],
+                 "reference": self.references[video_id][0]}
+                for video_id, score in self.report.worst(self.worst if n is None else n, metric)]
+
+    def summary(self) -> dict[str, Any]:
+        report = self.report.to_dict(per_video=False)
+        counts = {
+            **self.info.get("counts", {}),
+            "predictions": len(self.predictions),
+            "errors": len(self.errors),
+            "references": len(self.references),
+            "scored": report["num_scored"],
+            "predictions_without_reference": len(report["predictions_without_reference"]),
+            "references_without_prediction": len(report["references_without_prediction"]),
+        }
+        return {**{k: v for k, v in self.info.items() if k != "counts"}, "counts": counts, **report,
+                "attribute_accuracy": self.attribute_accuracy, "worst": self.worst_videos()}
+
+    def format(self) -> str:
+        """The metrics table, counts, attribute accuracy and the worst videos, for people."""
+        info = self.info
+        lines = []
+        if info.get("untrained"):
+            lines += [f"WARNING: {UNTRAINED_NOTE}", ""]
+        if info["mode"] == "generate":
+            nodes = info.get("nodes", {})
+            lines += [f"Captioned {info['data']} with {info['checkpoint']}: {info['counts']['inputs']} rows -> "
+                      f"{len(self.predictions)} captions, {len(self.errors)} errors, in "
+                      f"{info['seconds']['generate']:.1f} s on {len(nodes)} node(s)", ""]
+        lines.append(self.report.format_table(worst=0))
+        if self.attribute_accuracy:
+            acc = self.attribute_accuracy
+            lines += ["", f"Attribute accuracy on {int(acc['num_videos'])} synthetic videos: " + ", ".join(
+                f"{key} {100 * acc[key]:.1f}%" for key in ("colour", "shape", "motion", "object", "video"))]
+        worst = self.worst_videos()
+        if worst:
+            metric = next(k for k in worst[0] if k not in ("video_id", "prediction", "reference"))
+            lines += ["", f"Worst {len(worst)} videos by {metric} (x100):"]
+            for item in worst:
+                lines += [f"  {100 * item[metric]:7.2f}  {item['video_id']}",
+                          f"           predicted: {item['prediction']!r}",
+                          f"           reference: {item['reference']!r}"]
+        if self.errors:
+            stages = Counter(e["stage"] for e in self.errors)
+            lines += ["", f"{len(self.errors)} video(s) without a caption ("
+                      + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items()))
+                      + f"): {self.output_dir / ERRORS_FILE}"]
+        lines += ["", f"Outputs: {self.output_dir}"]
+        return "\n".join(lines)
+
+
+def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.PathLike,
+             untrained: bool = False, log: Callable[[str], None] = print) -> EvaluationResult:
+    """Generate captions for `inputs` on Ray, save them and the errors, score them, write the outputs."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"captioning {len(inputs.video_ids)} rows of {inputs.source} with {checkpoint} on "
+        f"{cfg.evaluate.num_actors} actor(s) ({'GPU' if cfg.evaluate.use_gpu else 'CPU'})")
+    generated = caption_dataset(inputs, checkpoint, cfg, log)
+    # Captions and errors are on disk before scoring starts, so a scoring failure loses no generation work.
+    save_predictions(generated.predictions, out / GENERATED_CAPTIONS)
+    _write_lines(out / ERRORS_FILE, generated.errors)
+    if not generated.predictions:
+        raise EvaluationError(f"no video could be captioned ({len(generated.errors)} errors): see "
+                              f"{out / ERRORS_FILE}")
+    info = {
+        "mode": "generate", "checkpoint": checkpoint, "untrained": untrained, "data": inputs.source,
+        "data_kind": inputs.kind, "generation": dataclasses.asdict(cfg.generation),
+        "evaluate": dataclasses.asdict(cfg.evaluate),
+        "counts": {"inputs": len(inputs.video_ids), "known_errors": len(inputs.errors)},
+        "nodes": generated.nodes, "seconds": {"generate": round(generated.seconds, 3)},
+    }
+    return _score_and_write(out, generated.predictions, inputs.references, inputs.attributes, generated.errors,
+                            info, cfg)
+
+
+def score_files(predictions: str | os.PathLike, references: str | os.PathLike, cfg: Config,
+                output: str | os.PathLike) -> EvaluationResult:
+    """Score-only: a COCO-result prediction file against VATEX or COCO-format references."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = load_predictions(predictions)
+    refs, attributes = _read_references(references)
+    info = {"mode": "score", "predictions_file": os.fspath(predictions), "references_file": os.fspath(references),
+            "counts": {"inputs": len(predicted)}, "seconds": {}}
+    return _score_and_write(out, predicted, refs, attributes, [], info, cfg)
+
+
+def _score_and_write(out: Path, predictions: dict[str, str], references: dict[str, list[str]],
+                     attributes: dict[str, dict] | None, errors: list[dict], info: dict[str, Any],
+                     cfg: Config) -> EvaluationResult:
+    from stgpt.metrics import score_captions
+    from stgpt.synthetic import attribute_accuracy
+
+    start = time.perf_counter()
+    try:
+        report = score_captions(predictions, references, num_workers=cfg.evaluate.metric_workers)
+    except ValueError as exc:  # e.g. no video has both a prediction and references
+        raise EvaluationError(f"cannot score: {exc}") from None
+    info["seconds"]["score"] = round(time.perf_counter() - start, 3)
+    accuracy = None
+    if attributes and any(video_id in attributes for video_id in predictions):
+        accuracy = attribute_accuracy(predictions, attributes)
+    result = EvaluationResult(out, report, predictions, references, errors, accuracy, info, cfg.evaluate.worst)
+    _write_lines(out / PER_VIDEO_FILE, [
+        {"video_id": video_id, **scores, "prediction": predictions[video_id], "reference": references[video_id][0]}
+        for video_id, scores in report.per_video.items()])
+    _write_text(out / METRICS_FILE, json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file renamed into place, so a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Defaults: which checkpoint, which data.
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None, cfg: Config) -> tuple[str, bool]:
+    """(checkpoint for the actors, whether it is untrained). Local directories become absolute paths, which
+    every node must be able to read (a shared filesystem); hub ids pass through.
+
+    With none given: training's best at outputs/train/best, else a tiny untrained one built from `cfg`.
+    """
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        return (str(path.resolve()) if path.exists() else os.fspath(checkpoint)), False
+    if (TRAINED_CHECKPOINT / "config.json").exists():
+        return str(TRAINED_CHECKPOINT.resolve()), False
+    return str(ensure_untrained_checkpoint(UNTRAINED_CHECKPOINT, cfg).resolve()), True
+
+
+def ensure_untrained_checkpoint(out_dir: str | os.PathLike, cfg: Config) -> Path:
+    """A tiny random-init checkpoint (seeded) with a tokenizer trained on synthetic captions, built once.
+
+    It lets the job run end to end before any training; `cfg.model`'s tiny sizes and `cfg.video` shape it.
+    Delete the folder to rebuild it after changing them.
+    """
+    import torch
+
+    from stgpt.model import build_model, save_checkpoint
+    from stgpt.synthetic import plan_dataset
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tiny = copy.deepcopy(cfg)
+    tiny.model.kind = "tiny"
+    plans = plan_dataset({"train": max(1, cfg.data.synthetic_train)}, seed=cfg.data.synthetic_seed)
+    captions = [caption for spec in plans["train"] for caption in spec.captions]
+    with torch.random.fork_rng():
+        torch.manual_seed(UNTRAINED_SEED)
+        built = build_model(tiny, captions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_checkpoint(built, temporary)
+        os.replace(temporary, out)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return out
+
+
+def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.PathLike | None = None,
+                  references: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> EvalInput:
+    """`--data` as the job reads it: a shard folder, glob or file; an annotation file (with `videos`); or, with
+    none, the config's shards, or for a config without annotations the synthetic split (made if missing)."""
+    split = cfg.evaluate.split
+    if data is None:
+        if cfg.data.annotations is None:
+            return synthetic_input(cfg, log)
+        data = cfg.data.shards
+    text = os.fspath(data)
+    if glob.has_magic(text) or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
+        return shard_input(text, split, references)
+    videos = videos or cfg.data.videos
+    if not videos:
+        raise FileNotFoundError(f"{text} is an annotation file: --videos (or data.videos) must name the folder "
+                                "of its videos")
+    return video_input(text, videos, references)
+
+
+def synthetic_input(cfg: Config, log: Callable[[str], None] = print) -> EvalInput:
+    """The synthetic dataset's `evaluate.split`, made and preprocessed into `data.shards` if not there yet.
+
+    References (with attributes) come from the split's annotation file. If the shard folder holds that split
+    made with other settings, the raw videos are captioned instead (shards are never overwritten here).
+    """
+    from stgpt.preprocessing import PreprocessError, SplitInput, preprocess
+    from stgpt.synthetic import make_synthetic_dataset
+
+    data, split = cfg.data, cfg.evaluate.split
+    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
+                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
+    if split not in dataset.annotation_paths:
+        raise FileNotFoundError(f"the synthetic dataset has no split {split!r}; it has {dataset.splits}")
+    annotations = str(dataset.annotation_paths[split])
+    shards = data.shards if "://" in data.shards else os.path.abspath(data.shards)  # the same on every worker
+    try:
+        preprocess([SplitInput(split, annotations, str(dataset.video_dir))], shards, cfg, progress=False, log=log)
+    except PreprocessError as exc:
+        log(f"not using the shards: {exc}\ncaptioning the raw videos of {annotations} instead")
+        return video_input(annotations, dataset.video_dir)
+    return shard_input(shards, split, references=annotations)
