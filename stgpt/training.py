@@ -40,6 +40,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ import torch
 
 from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
+from stgpt.model import (build_model, generation_config, load_checkpoint, save_checkpoint, tokenize_captions,
+                         train_tokenizer)
 from stgpt.shards import ShardRowError, list_shards, row_frames
 from stgpt.transforms import resize_and_crop, to_pixel_values
 
@@ -169,10 +172,12 @@ def read_captions(paths: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _labels(tokenizer, texts: list[str]) -> torch.Tensor:
-    from stgpt.model import tokenize_captions
+_TOKENIZER_LOCK = threading.Lock()  # a fast tokenizer sets truncation on its shared backend: one thread at a time
 
-    return tokenize_captions(tokenizer, texts, max_length=MAX_CAPTION_TOKENS)
+
+def _labels(tokenizer, texts: list[str]) -> torch.Tensor:
+    with _TOKENIZER_LOCK:
+        return tokenize_captions(tokenizer, texts, max_length=MAX_CAPTION_TOKENS)
 
 
 def lookahead(iterable: Iterable) -> Iterator[tuple[Any, bool]]:
@@ -536,8 +541,6 @@ def _report_checkpoint(rank: int, raw_model, captioner, optimizer, scheduler, sc
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    from stgpt.model import save_checkpoint
-
     with tempfile.TemporaryDirectory(prefix="stgpt-ckpt-") as tmp:
         save_checkpoint(dataclasses.replace(captioner, model=raw_model), tmp)
         save_training_state(tmp, optimizer, scheduler, scaler, progress)
@@ -549,8 +552,6 @@ def _report_checkpoint(rank: int, raw_model, captioner, optimizer, scheduler, sc
 def _worker_model(cfg: Config, tokenizer_files: dict[str, str] | None, resume_dir: Path | None):
     """The model to train on this worker: from the checkpoint being resumed, else as the config says (with the
     tokenizer the driver trained, shipped as file contents so workers need no shared disk)."""
-    from stgpt.model import build_model, generation_config, load_checkpoint
-
     if resume_dir is not None:
         captioner = load_checkpoint(resume_dir, num_frames=cfg.video.num_frames)
         captioner = dataclasses.replace(captioner, video=cfg.video)
@@ -616,14 +617,13 @@ def split_paths(cfg: Config, split: str, required: bool = True) -> list[str]:
 
 
 def prepare_tokenizer(cfg: Config, captions: Iterable[str], output_dir: Path) -> dict[str, str] | None:
-    """For the tiny model: the tokenizer trained on the training captions, saved once under
-    `<output_dir>/tokenizer` (a re-run reuses it, so resumes keep the same vocabulary); returns its files."""
+    """For the tiny model: its tokenizer's files (name -> text), to ship to the workers. `model.tokenizer` if set,
+    else one trained on the training captions and saved once under `<output_dir>/tokenizer`, which later runs
+    reuse, so a resumed run keeps its vocabulary."""
     if cfg.model.kind != "tiny":
         return None
     folder = Path(cfg.model.tokenizer) if cfg.model.tokenizer else output_dir / "tokenizer"
-    if not (folder / "tokenizer.json").exists():
-        from stgpt.model import train_tokenizer
-
+    if not cfg.model.tokenizer and not (folder / "tokenizer.json").exists():
         tmp = output_dir / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         train_tokenizer(captions, cfg.model.vocab_size, out_dir=tmp)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -268,10 +270,15 @@ def test_train_job_submitted_to_a_ray_cluster(tmp_path, synthetic_shards):
     command = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *SMALL, f"data.root={root}",
                f"data.shards={shards}", f"train.output_dir={out}", "train.num_workers=1", "train.epochs=1",
                "train.batch_size=6"]
+    job_id = f"stgpt-train-{uuid.uuid4().hex[:8]}"
     with local_ray_cluster(num_workers=1, cpus_per_node=1) as cluster:
-        finished = cluster.job_submit(command, working_dir=REPO_ROOT, timeout=480)
+        finished = cluster.job_submit(command, working_dir=REPO_ROOT, timeout=480,
+                                      extra_args=["--submission-id", job_id])
+        status = subprocess.run([cluster.ray_executable, "job", "status", "--address", cluster.dashboard_url, job_id],
+                                env=cluster.env, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stdout[-4000:]
-    assert "SUCCEEDED" in finished.stdout
+    assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert "best checkpoint:" in finished.stdout and "motion" in finished.stdout  # the job's own report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_dir"] == str(out / "best") and summary["best_metrics"]["bad_rows"] == 2
     assert (out / "best" / "model.safetensors").exists() and (out / "best" / "tokenizer.json").exists()
