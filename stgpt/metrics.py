@@ -25,6 +25,7 @@ final `EVAL`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -152,13 +153,13 @@ def score_captions(
     """
     wanted = _check_metrics(metrics)
     ids, without_reference, without_prediction = _pair_up(predictions, references)
-    pairs = [(vid, predictions[vid], list(references[vid])) for vid in ids]
     if not ids:
         raise ValueError(
             f"no video has both a prediction and references ({len(predictions)} prediction(s), "
             f"{len(references)} reference video(s)): check that both use the same video ids"
         )
     _check_java()
+    pairs = [(predictions[vid], list(references[vid])) for vid in ids]
 
     num_shards = _shard_count(num_workers, len(pairs))
     results, meteor, timings = _score_shards(pairs, wanted, num_shards)
@@ -236,7 +237,7 @@ def _shard_count(num_workers: int | None, num_videos: int) -> int:
 
 
 def _score_shards(
-    pairs: list[tuple[str, str, list[str]]], wanted: tuple[str, ...], num_shards: int
+    pairs: list[tuple[str, list[str]]], wanted: tuple[str, ...], num_shards: int
 ) -> tuple[list["_ShardResult"], "_MeteorEval | None", dict[str, float]]:
     """Tokenise, then run the shards' phases with a barrier after each: in this process, or as Ray actors."""
     if num_shards == 1:
@@ -282,7 +283,8 @@ def _score_shards(
             meteor = call("meteor_eval", [([stat for r in results for stat in r.meteor_stats],)])[0]
             lap("METEOR EVAL")
     finally:
-        call("close", [()] * num_shards)
+        with contextlib.suppress(Exception):  # an error while closing must not hide the one that got us here
+            call("close", [()] * num_shards)
     return results, meteor, timings
 
 
@@ -329,6 +331,7 @@ class _Shard:
         self._meteor = _start_meteor() if METEOR in metrics else None  # loads while the driver tokenises
         self._meteor_thread: threading.Thread | None = None
         self._meteor_stats: list[str] = []
+        self._meteor_error: RuntimeError | None = None
         self._hyps: list[str] = []
         self._refs: list[list[str]] = []
         self._hyp_counts: list[list[dict[str, int]]] = []
@@ -365,17 +368,19 @@ class _Shard:
             rouge_l = [_rouge_l(h, refs) for h, refs in zip(self._hyps, self._refs)]
         if self._meteor_thread is not None:
             self._meteor_thread.join()
+            if self._meteor_error is not None:
+                raise self._meteor_error
         return _ShardResult(cider_d, cider, rouge_l, bleu_stats, self._meteor_stats, _node_id())
 
     def meteor_eval(self, stats: list[str]) -> _MeteorEval:
         """Run the METEOR jar's EVAL over the statistics of *all* shards: the corpus score and per video."""
         assert self._meteor is not None
-        meteor = self._meteor
-        with meteor.lock:
-            meteor.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-            meteor.meteor_p.stdin.flush()
-            per_video = [float(meteor.meteor_p.stdout.readline().strip()) for _ in stats]
-            corpus = float(meteor.meteor_p.stdout.readline().strip())
+        process = self._meteor.meteor_p
+        with self._meteor.lock:
+            process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            process.stdin.flush()
+            per_video = [float(_read_meteor_line(process)) for _ in stats]
+            corpus = float(_read_meteor_line(process))
         return _MeteorEval(corpus, per_video)
 
     def close(self) -> None:
@@ -386,8 +391,27 @@ class _Shard:
             self._meteor = None
 
     def _align_meteor(self) -> None:
+        """Send every SCORE line at once and read the statistics back, in order.
+
+        pycocoevalcap's `_stat` waits for each answer before sending the next line, so the jar idles whenever
+        the Python side is not scheduled; a writer thread keeps it fed instead. The lines are `_stat`'s.
+        """
         assert self._meteor is not None
-        self._meteor_stats = [self._meteor._stat(h, refs) for h, refs in zip(self._hyps, self._refs)]
+        process = self._meteor.meteor_p
+        lines = "".join(_meteor_score_line(h, refs) + "\n" for h, refs in zip(self._hyps, self._refs))
+
+        def write() -> None:
+            with contextlib.suppress(BrokenPipeError):  # the jar died: the reader below says why
+                process.stdin.write(lines.encode())
+                process.stdin.flush()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        try:
+            self._meteor_stats = [_read_meteor_line(process) for _ in self._hyps]
+        except RuntimeError as error:
+            self._meteor_error = error
+        writer.join()
 
 
 def _node_id() -> str:
@@ -404,7 +428,7 @@ def _node_id() -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tokenize(pairs: list[tuple[str, str, list[str]]]) -> tuple[list[str], list[list[str]]]:
+def _tokenize(pairs: list[tuple[str, list[str]]]) -> tuple[list[str], list[list[str]]]:
     """PTB-tokenise as pycocoevalcap's users do: all references in one Java run, all predictions in another.
 
     The two runs go concurrently. Each sees exactly the lines it would see in coco-caption, which matters
@@ -416,8 +440,8 @@ def _tokenize(pairs: list[tuple[str, str, list[str]]]) -> tuple[list[str], list[
         return {i: [{"caption": c.translate(_LINE_BREAKS)} for c in group] for i, group in enumerate(texts)}
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        refs = pool.submit(PTBTokenizer().tokenize, captions(refs for _, _, refs in pairs))
-        hyps = pool.submit(PTBTokenizer().tokenize, captions([hyp] for _, hyp, _ in pairs))
+        refs = pool.submit(PTBTokenizer().tokenize, captions(refs for _, refs in pairs))
+        hyps = pool.submit(PTBTokenizer().tokenize, captions([hyp] for hyp, _ in pairs))
         refs_by_video, hyps_by_video = refs.result(), hyps.result()
     return [hyps_by_video[i][0] for i in range(len(pairs))], [refs_by_video[i] for i in range(len(pairs))]
 
@@ -537,6 +561,21 @@ def _rouge_l(hyp: str, refs: list[str], beta: float = 1.2) -> float:
     if best_precision != 0 and best_recall != 0:
         return ((1 + beta**2) * best_precision * best_recall) / float(best_recall + beta**2 * best_precision)
     return 0.0
+
+
+def _read_meteor_line(process: Any) -> str:
+    """One answer line from the METEOR jar, or an error with what the jar printed if it has stopped."""
+    line = process.stdout.readline()
+    if not line:
+        message = process.stderr.read().decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"the METEOR jar stopped (exit code {process.wait()}): {message or 'no message'}")
+    return line.decode().strip()
+
+
+def _meteor_score_line(hyp: str, refs: list[str]) -> str:
+    """The line pycocoevalcap's `Meteor._stat` sends: SCORE ||| reference ||| ... ||| prediction."""
+    hyp = hyp.replace("|||", "").replace("  ", " ")
+    return " ||| ".join(("SCORE", " ||| ".join(refs), hyp))
 
 
 def _start_meteor():

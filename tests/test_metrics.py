@@ -290,6 +290,23 @@ def test_bad_inputs_give_clear_errors(predictions, references, error, message):
         score_captions(predictions, references)
 
 
+def test_a_dead_meteor_jar_gives_a_clear_error(monkeypatch):
+    import subprocess
+    import threading
+
+    import stgpt.metrics
+
+    class BrokenMeteor:  # what pycocoevalcap's Meteor holds, around a jar that cannot start
+        def __init__(self):
+            pipe = subprocess.PIPE
+            self.meteor_p = subprocess.Popen(["java", "-jar", "missing.jar"], stdin=pipe, stdout=pipe, stderr=pipe)
+            self.lock = threading.Lock()
+
+    monkeypatch.setattr(stgpt.metrics, "_start_meteor", BrokenMeteor)
+    with pytest.raises(RuntimeError, match="METEOR jar stopped .*missing.jar"):
+        score_captions({"v": "a man"}, {"v": ["a man"]}, metrics=(METEOR,))
+
+
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="choose from"):
         score_captions({"v": "a man"}, {"v": ["a man"]}, metrics=("CIDEr-X",))
