@@ -1,14 +1,14 @@
 """Caption a test split on Ray and score it with the standard captioning metrics, or score a prediction file.
 
-    python jobs/evaluate.py                              # embedded default: the demo checkpoint on the synthetic test split
+    python jobs/evaluate.py        # the embedded default: the demo checkpoint on the synthetic test split
     python jobs/evaluate.py --checkpoint DIR_OR_HUB_ID --data SHARDS --output OUT [key=value ...]
     python jobs/evaluate.py --checkpoint C --data ANNOTATIONS.json --videos DIR --output OUT
     python jobs/evaluate.py --predictions P.json --references R.json --output OUT     # score only
     ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint C --data /shared/shards ...
 
 --data is a shard folder (its split evaluate.split, default test), a glob of shard files, one shard file, or an
-annotation file whose videos are in --videos. With no --checkpoint: outputs/train/best if training left one,
-else a tiny untrained model (the job says so). Writes generated_captions.json, metrics.json,
+annotation file whose videos are in --videos. With no --checkpoint: <train.output_dir>/best if training left
+one, else a tiny untrained model (the job says so). Writes generated_captions.json, metrics.json,
 per_video_scores.jsonl and errors.jsonl to --output (default evaluate.output_dir) and prints the table.
 Exit status: 0 scored; 1 ran, but nothing could be scored; 2 nothing done (bad arguments or inputs).
 """
@@ -55,11 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import ray
 
-            if not ray.is_initialized():
+            started = not ray.is_initialized()
+            if started:
                 ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
-            inputs = resolve_input(args.data, cfg, videos=args.videos, references=args.references)
-            checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
-            result = evaluate(inputs, checkpoint, cfg, output, untrained=untrained)
+            try:
+                inputs = resolve_input(args.data, cfg, videos=args.videos, references=args.references)
+                checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
+                result = evaluate(inputs, checkpoint, cfg, output, untrained=untrained)
+            finally:
+                if started:
+                    ray.shutdown()  # stop our workers before exit, rather than have them killed mid-teardown
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -131,6 +131,7 @@ class EvaluateConfig:
     split: str = "test"  # which split's shards to caption when --data is a shard folder
     precision: str = "fp32"  # fp32 keeps scores independent of the GPU; "auto" is bf16/fp16 on GPUs
     worst: int = 10  # how many of the lowest-CIDEr-D videos to list
+    metrics: Optional[list[str]] = None  # None: all of stgpt.metrics.METRICS; e.g. [CIDEr-D, BLEU-4] skips METEOR's JVM
 
 
 @dataclass

@@ -42,19 +42,20 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from stgpt.annotations import VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
-from stgpt.config import Config, GenerationConfig
+from stgpt.config import Config, ConfigError, GenerationConfig
 
 GENERATED_CAPTIONS = "generated_captions.json"
 METRICS_FILE = "metrics.json"
 PER_VIDEO_FILE = "per_video_scores.jsonl"
 ERRORS_FILE = "errors.jsonl"
 
-# With no --checkpoint: training's best if there is one, else a tiny random-init model (said loudly).
-TRAINED_CHECKPOINT = Path(Config().train.output_dir) / "best"  # outputs/train/best, relative to the working dir
+# With no --checkpoint: training's best (<train.output_dir>/best) if there is one, else a tiny random-init model,
+# said loudly. Paths are relative to the working directory.
+BEST_DIR = "best"
 UNTRAINED_CHECKPOINT = Path("outputs/eval/untrained-tiny")
 UNTRAINED_SEED = 0
 UNTRAINED_NOTE = ("UNTRAINED: a tiny random-init model, since there is no trained checkpoint at "
-                  f"{TRAINED_CHECKPOINT} (run jobs/train.py first); its captions and scores mean nothing")
+                  "<train.output_dir>/best (run jobs/train.py first); its captions and scores mean nothing")
 
 ACTOR_START_TIMEOUT_S = 600  # loading a checkpoint is slow; a pool that cannot be placed at all fails after this
 SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width"]  # what the actors need of a shard row
@@ -94,7 +95,7 @@ def shard_input(data: str | os.PathLike, split: str = "test", references: str | 
     from stgpt.shards import list_shards
 
     text = os.fspath(data)
-    if glob.has_magic(text):
+    if any(char in text for char in "*?["):  # a glob of shard files
         files = sorted(os.path.abspath(f) for f in glob.glob(text))
         if not files:
             raise FileNotFoundError(f"no shard files match {text}")
@@ -229,10 +230,10 @@ class CaptionActor:
 
         video = self.captioner.video
         if "frames" in batch:
-            row = {key: batch[key][i] for key in ("video_id", "frames", "encoding", "height", "width")}
-            frames = row_frames(row, video.num_frames)
+            frames = row_frames({key: batch[key][i] for key in SHARD_COLUMNS}, video.num_frames)
         else:
-            frames = read_video(_read_source(str(batch["path"][i])), video.num_frames, name=str(batch["path"][i])).frames
+            path = str(batch["path"][i])
+            frames = read_video(_read_source(path), video.num_frames, name=path).frames
         if frames.shape[1:3] != (video.crop_size, video.crop_size):
             frames = resize_and_crop(frames, video.short_side, video.crop_size).numpy()
         return frames
@@ -292,8 +293,10 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
     rows = len(inputs.video_ids)
     outputs: list[dict[str, Any]] = []
     num_actors = ecfg.num_actors
-    if inputs.kind == "shards" and not ecfg.use_gpu:
+    if inputs.kind == "shards":
         num_actors = _actors_leaving_a_cpu(num_actors, ecfg.cpus_per_actor, log)
+    log(f"captioning {rows} rows of {inputs.source} with {checkpoint} on {num_actors} actor(s) "
+        f"({'1 GPU' if ecfg.use_gpu else f'{ecfg.cpus_per_actor:g} CPU'} each)")
     if rows:
         # About one block per batch, so the pool's actors share the work from the first batch on.
         num_blocks = max(1, min(rows, math.ceil(rows / ecfg.batch_size)))
@@ -330,7 +333,7 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
 
 
 def _actors_leaving_a_cpu(num_actors: int, cpus_per_actor: float, log: Callable[[str], None]) -> int:
-    """As many CPU actors as fit with one CPU to spare.
+    """As many actors as the cluster's CPUs hold with one CPU to spare (GPU actors hold CPUs too).
 
     The pool starts all its actors first; Ray Data's Parquet listing and read tasks need a CPU of their own, so
     a pool holding every CPU would wait for its input forever (on a 2-core machine, 2 actors of 1 CPU do).
@@ -451,10 +454,9 @@ class EvaluationResult:
 def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.PathLike,
              untrained: bool = False, log: Callable[[str], None] = print) -> EvaluationResult:
     """Generate captions for `inputs` on Ray, save them and the errors, score them, write the outputs."""
+    _check_metrics(cfg)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"captioning {len(inputs.video_ids)} rows of {inputs.source} with {checkpoint} on "
-        f"{cfg.evaluate.num_actors} actor(s) ({'GPU' if cfg.evaluate.use_gpu else 'CPU'})")
     generated = caption_dataset(inputs, checkpoint, cfg, log)
     # Captions and errors are on disk before scoring starts, so a scoring failure loses no generation work.
     save_predictions(generated.predictions, out / GENERATED_CAPTIONS)
@@ -476,6 +478,7 @@ def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.P
 def score_files(predictions: str | os.PathLike, references: str | os.PathLike, cfg: Config,
                 output: str | os.PathLike) -> EvaluationResult:
     """Score-only: a COCO-result prediction file against VATEX or COCO-format references."""
+    _check_metrics(cfg)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     predicted = load_predictions(predictions)
@@ -488,12 +491,13 @@ def score_files(predictions: str | os.PathLike, references: str | os.PathLike, c
 def _score_and_write(out: Path, predictions: dict[str, str], references: dict[str, list[str]],
                      attributes: dict[str, dict] | None, errors: list[dict], info: dict[str, Any],
                      cfg: Config) -> EvaluationResult:
-    from stgpt.metrics import score_captions
+    from stgpt.metrics import METRICS, score_captions
     from stgpt.synthetic import attribute_accuracy
 
     start = time.perf_counter()
     try:
-        report = score_captions(predictions, references, num_workers=cfg.evaluate.metric_workers)
+        report = score_captions(predictions, references, num_workers=cfg.evaluate.metric_workers,
+                                metrics=cfg.evaluate.metrics or METRICS)
     except ValueError as exc:  # e.g. no video has both a prediction and references
         raise EvaluationError(f"cannot score: {exc}") from None
     info["seconds"]["score"] = round(time.perf_counter() - start, 3)
@@ -506,6 +510,15 @@ def _score_and_write(out: Path, predictions: dict[str, str], references: dict[st
         for video_id, scores in report.per_video.items()])
     _write_text(out / METRICS_FILE, json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def _check_metrics(cfg: Config) -> None:
+    """Refuse unknown metric names before any work, not after an hour of generation."""
+    from stgpt.metrics import METRICS
+
+    unknown = [m for m in cfg.evaluate.metrics or () if m not in METRICS]
+    if unknown or cfg.evaluate.metrics == []:
+        raise ConfigError(f"evaluate.metrics: unknown or no metrics {unknown}; choose from {list(METRICS)}")
 
 
 def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
@@ -527,13 +540,14 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, cfg: Config) -> tup
     """(checkpoint for the actors, whether it is untrained). Local directories become absolute paths, which
     every node must be able to read (a shared filesystem); hub ids pass through.
 
-    With none given: training's best at outputs/train/best, else a tiny untrained one built from `cfg`.
+    With none given: training's best at `<train.output_dir>/best`, else a tiny untrained one built from `cfg`.
     """
     if checkpoint:
         path = Path(checkpoint).expanduser()
         return (str(path.resolve()) if path.exists() else os.fspath(checkpoint)), False
-    if (TRAINED_CHECKPOINT / "config.json").exists():
-        return str(TRAINED_CHECKPOINT.resolve()), False
+    trained = Path(cfg.train.output_dir) / BEST_DIR
+    if (trained / "config.json").exists():
+        return str(trained.resolve()), False
     return str(ensure_untrained_checkpoint(UNTRAINED_CHECKPOINT, cfg).resolve()), True
 
 
@@ -578,7 +592,7 @@ def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.
             return synthetic_input(cfg, log)
         data = cfg.data.shards
     text = os.fspath(data)
-    if glob.has_magic(text) or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
+    if any(char in text for char in "*?[") or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
         return shard_input(text, split, references)
     videos = videos or cfg.data.videos
     if not videos:

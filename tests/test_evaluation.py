@@ -43,6 +43,7 @@ SMALL = ["video.short_side=32", "video.crop_size=32", "video.num_frames=4", "mod
          "model.vocab_size=300", "generation.num_beams=2", "generation.min_new_tokens=1",
          "generation.max_new_tokens=8"]
 RUN = ["evaluate.num_actors=2", "evaluate.batch_size=2", "evaluate.metric_workers=1"]
+FEW_METRICS = "evaluate.metrics=[CIDEr-D,ROUGE-L]"  # no METEOR: its JVM takes seconds to start
 DAMAGED = ("truncated", "empty", "random_bytes", "text")
 
 
@@ -114,7 +115,8 @@ def shard_run(ray_cluster, assets):
 @pytest.fixture(scope="module")
 def video_run(ray_cluster, assets):
     inputs = video_input(assets["raw_annotations"], assets["dataset"].video_dir)
-    result = evaluate(inputs, assets["checkpoint"], small_config(), assets["root"] / "out-videos", log=lambda _: None)
+    result = evaluate(inputs, assets["checkpoint"], small_config(FEW_METRICS), assets["root"] / "out-videos",
+                      log=lambda _: None)
     return inputs, result
 
 
@@ -199,6 +201,7 @@ def test_raw_videos_damaged_and_missing_are_recorded_and_captions_match(assets, 
     assert all(reasons[f"bad_{kind}"]["stage"] == "decode" for kind in DAMAGED)
     assert reasons["bad_text"]["path"] == str(assets["dataset"].video_dir / "bad_text.mp4")
     assert len(captions) + len(errors) == len(load_annotations(assets["raw_annotations"]))
+    assert list(metrics["corpus"]) == ["CIDEr-D", "ROUGE-L"]  # evaluate.metrics chose them
     # The videos without a caption still have references: scoring reports them, it does not drop them.
     assert sorted(metrics["references_without_prediction"]) == sorted(reasons)
     captioner = Captioner.from_pretrained(assets["checkpoint"], use_gpu=False)
@@ -256,9 +259,14 @@ def test_score_only_on_real_vatex_matches_pycocoevalcap(tmp_path, capsys):
     assert "CIDEr-D" in out and "Worst 10 videos" in out and "not_a_vatex_video" not in out.split("Worst")[1]
 
 
-def test_score_only_needs_references(tmp_path, capsys):
-    code = load_job().main(["--predictions", str(tmp_path / "p.json"), "--output", str(tmp_path / "out")])
-    assert code == 2 and "--references" in capsys.readouterr().err
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
+    job = load_job()
+    assert job.main(["--predictions", str(tmp_path / "p.json"), "--output", str(tmp_path / "out")]) == 2
+    assert "--references" in capsys.readouterr().err
+    (tmp_path / "p.json").write_text("[]")
+    code = job.main(["--predictions", str(tmp_path / "p.json"), "--references", str(tmp_path / "p.json"),
+                     "--output", str(tmp_path / "out"), "evaluate.metrics=[CIDEr-D,SPICE]"])
+    assert code == 2 and "SPICE" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_default_checkpoint_is_training_best_when_there(tmp_path, monkeypatch):
@@ -267,6 +275,10 @@ def test_default_checkpoint_is_training_best_when_there(tmp_path, monkeypatch):
     best.mkdir(parents=True)
     (best / "config.json").write_text("{}")
     assert resolve_checkpoint(None, small_config()) == (str(best), False)
+    other = tmp_path / "runs" / "vatex" / "best"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    assert resolve_checkpoint(None, small_config("train.output_dir=runs/vatex")) == (str(other), False)
     assert resolve_checkpoint("some-org/some-model", small_config()) == ("some-org/some-model", False)
 
 
@@ -275,7 +287,8 @@ def test_no_arguments_runs_the_default_on_the_synthetic_test_split(ray_cluster, 
     (there is no outputs/train/best here), captions, scores, and says the model is untrained."""
     monkeypatch.chdir(tmp_path)
     sizes = ["data.synthetic_train=2", "data.synthetic_validation=1", "data.synthetic_test=4"]
-    code = load_job().main([*sizes, *SMALL, *RUN])
+    lighter = ["evaluate.num_actors=1", "preprocess.concurrency=1", FEW_METRICS]  # the cores are few
+    code = load_job().main([*sizes, *SMALL, *RUN, *lighter])
     assert code == 0
     out = capsys.readouterr().out
     assert "UNTRAINED" in out and "CIDEr-D" in out
