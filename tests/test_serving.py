@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from stgpt.config import ConfigError
+from stgpt.config import CONFIG_DIR, ConfigError
 from stgpt.inference import Captioner
 from stgpt.serving import build_app, ensure_tiny_checkpoint, load_serve_file, resolve_checkpoint
 from stgpt.synthetic import encode_video, make_synthetic_dataset, plan_dataset, render_video, write_damaged_videos
@@ -113,7 +113,7 @@ def test_app_args_are_checked(assets):
 
 
 def test_serve_config_file_carries_batching_autoscaling_and_resources():
-    spec = load_serve_file("configs/serve.yaml")
+    spec = load_serve_file(CONFIG_DIR / "serve.yaml")
     assert spec.app_args["serve"]["max_batch_size"] >= 2
     deployment = spec.app_args["deployment"]
     scaling = deployment["autoscaling_config"]
