@@ -34,16 +34,22 @@ Output folder (local, or any filesystem pyarrow understands, e.g. ``s3://bucket/
     _work/                                pieces of unfinished parts, temporary files (readers skip "_" names)
 
 Frame storage: JPEG, quality 95, chroma at full resolution (`preprocess.frame_encoding=jpeg`, the default).
-Measured on 8 frames of 224x224 from 640x360 H.264 web-like video (textured, panning; benchmarks/RESULTS.md
-has the run): JPEG q95 stores about 36 KB a frame (PSNR 41 dB against the decoded frames, finer than the H.264
-source's own loss), encodes in 0.35 ms and decodes in 0.6 ms a frame with Pillow's libjpeg-turbo; raw uint8
-is 150 KB a frame (zstd barely shrinks camera-like noise), PNG 99 KB and 4.5 ms to encode. Float32 pixel
-values, as the original stored, are 602 KB a frame. Decoding a video costs ~170 ms, so JPEG adds ~2% to
-preprocessing and saves 4x disk and I/O against raw; training decodes 8 JPEGs (~5 ms) per video, far below a
-training step. `raw` stays available where decode CPU is scarcer than disk.
-Decoding with decord's built-in scaling (`read_video(short_side=...)`) was not faster on such input (decoding
-dominates) and differs from the VideoMAE processor's antialiased resize by 3 grey levels on average, so frames
-are decoded at full size and resized in torch, matching what serving does.
+Measured by benchmarks/preprocess_bench.py on 224x224 frames of 640x360 H.264 web-like clips (RESULTS.md):
+
+| per frame                        | KiB   | encode CPU ms | decode CPU ms | fidelity   |
+| -------------------------------- | ----- | ------------- | ------------- | ---------- |
+| JPEG q95 (Pillow, libjpeg-turbo) | 38.7  | 0.36          | 0.60          | PSNR 40 dB |
+| PNG                              | 100.1 | 5.0           | 2.0           | lossless   |
+| raw uint8                        | 147.0 | ~0            | ~0            | lossless   |
+| float32 pixel values (original)  | 588.0 | -             | -             | -          |
+
+Sampling, resizing and cropping a video costs ~175 ms of CPU, so JPEG adds ~2% to preprocessing (8 frames,
+3 ms) and saves 3.8x the disk and I/O of raw; training decodes 8 JPEGs in ~5 ms per video, far below a training
+step. Its loss, PSNR 40 dB, is an RMS error of 2.5 grey levels out of 255. Raw needs no codec at all and stays
+available (`frame_encoding=raw`) where CPU is scarcer than disk or bandwidth; PNG costs 14x JPEG's CPU to store
+2.6x its bytes. Decoding with decord's own scaling (`read_video(short_side=...)`) was not faster on such input
+(decoding dominates) and differs from the VideoMAE processor's antialiased resize by 3 grey levels on average,
+so frames are decoded at full size and resized in torch, as serving does.
 """
 from __future__ import annotations
 
@@ -411,6 +417,7 @@ class PiecePreprocessor:
         for name in self.folder.names(ATTEMPTS_DIR):
             if posixpath.basename(name).startswith(_attempt_prefix(piece)):
                 self.folder.delete(name)
+        _release_freed_memory()
         return {"split": piece.split, "part": piece.part, "piece": piece.piece, "rows": len(rows),
                 "errors": len(errors), "node_id": self.node_id, "seconds": report["seconds"],
                 "bytes": int(table.nbytes)}
@@ -422,6 +429,17 @@ class PiecePreprocessor:
         earlier = sum(1 for name in self.folder.names(ATTEMPTS_DIR) if posixpath.basename(name).startswith(prefix))
         self.folder.write_bytes(f"{ATTEMPTS_DIR}/{prefix}{uuid.uuid4().hex}", self.host.encode())
         return earlier
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by decoding back to the OS; glibc keeps it otherwise, and a worker grew by about a
+    third over 80 videos. With it, a long-lived worker stays near the size of one piece's work."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _attempt_prefix(piece: Piece) -> str:
