@@ -79,9 +79,18 @@ def fingerprints(output) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, data, tmp_path_factory):
+    from ray.data import DataContext
+
     output = tmp_path_factory.mktemp("shards")
     source = SplitInput("train", str(data["annotations"]), str(data["dataset"].video_dir))
-    summary = preprocess([source], output, config(), progress=False, log=quiet)
+    # These pieces take milliseconds: without waiting for the whole actor pool, the first actor up could do
+    # them all before the others start, and the run would say nothing about spreading over nodes.
+    context = DataContext.get_current()
+    wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
+    try:
+        summary = preprocess([source], output, config(), progress=False, log=quiet)
+    finally:
+        context.wait_for_min_actors_s = wait
     return output, summary, source
 
 
