@@ -24,7 +24,7 @@ gathers them at the end of each run. A re-run skips shards that exist and pieces
 killed at any point leaves only whole files, so the resumed output has one row or error per video.
 `<split>-manifest.json` records the settings that fix the partitioning; a re-run with other settings (another
 `rows_per_shard`, other frame settings, another annotation file) is refused rather than mixed, unless asked to
-overwrite.
+overwrite. One run at a time per output folder: a run starts by clearing the temporary files in `_work/`.
 
 Output folder (local, or any filesystem pyarrow understands, e.g. ``s3://bucket/shards``):
 
