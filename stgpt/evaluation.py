@@ -406,6 +406,8 @@ class EvaluationResult:
 
     def summary(self) -> dict[str, Any]:
         report = self.report.to_dict(per_video=False)
+        # Scoring's workers, named apart from captioning's "nodes".
+        report["metric_workers"], report["metric_node_ids"] = report.pop("num_workers", 1), report.pop("node_ids", [])
         counts = {
             **self.info.get("counts", {}),
             "predictions": len(self.predictions),
