@@ -25,14 +25,11 @@ give per-attribute accuracy. Files written to the output folder:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ import numpy as np
 
 from stgpt.annotations import VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
+from stgpt.model import ensure_tiny_checkpoint
 
 GENERATED_CAPTIONS = "generated_captions.json"
 METRICS_FILE = "metrics.json"
@@ -554,34 +552,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, cfg: Config) -> tup
 
 
 def ensure_untrained_checkpoint(out_dir: str | os.PathLike, cfg: Config) -> Path:
-    """A tiny random-init checkpoint (seeded) with a tokenizer trained on synthetic captions, built once.
-
-    It lets the job run end to end before any training; `cfg.model`'s tiny sizes and `cfg.video` shape it.
-    Delete the folder to rebuild it after changing them.
-    """
-    import torch
-
-    from stgpt.model import build_model, save_checkpoint
-    from stgpt.synthetic import plan_dataset
-
-    out = Path(out_dir)
-    if (out / "config.json").exists():
-        return out
-    tiny = copy.deepcopy(cfg)
-    tiny.model.kind = "tiny"
-    plans = plan_dataset({"train": max(1, cfg.data.synthetic_train)}, seed=cfg.data.synthetic_seed)
-    captions = [caption for spec in plans["train"] for caption in spec.captions]
-    with torch.random.fork_rng():
-        torch.manual_seed(UNTRAINED_SEED)
-        built = build_model(tiny, captions)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_checkpoint(built, temporary)
-        os.replace(temporary, out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return out
+    """The tiny random-init checkpoint that lets the job run before any training (see `ensure_tiny_checkpoint`)."""
+    return ensure_tiny_checkpoint(out_dir, cfg, seed=UNTRAINED_SEED)
 
 
 def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.PathLike | None = None,

@@ -70,41 +70,11 @@ UPLOAD_FIELDS = ("video", "file")
 
 
 def ensure_tiny_checkpoint(out_dir: str | os.PathLike = TINY_CHECKPOINT) -> Path:
-    """Build and save the tiny demo checkpoint in `out_dir` unless it is there; the same bytes on every call.
+    """The tiny demo checkpoint of configs/tiny.yaml, built once in `out_dir` (identical on every node)."""
+    from stgpt.model import ensure_tiny_checkpoint as build_once
 
-    The model follows configs/tiny.yaml (or `model.kind=tiny` defaults) with seeded random weights, and its
-    tokenizer is trained on the synthetic dataset's captions (planned, not rendered), so any node can rebuild an
-    identical copy. Concurrent callers wait on a lock file; the folder appears complete or not at all.
-    """
-    import fcntl
-    import shutil
-    import tempfile
-
-    out = Path(out_dir)
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").exists():
-            return out
-        from stgpt.model import build_model, save_checkpoint
-        from stgpt.synthetic import plan_dataset
-
-        cfg = load_config(TINY_CONFIG if TINY_CONFIG.exists() else None, ["model.kind=tiny"])
-        plans = plan_dataset({"train": cfg.data.synthetic_train}, seed=cfg.data.synthetic_seed)
-        captions = [caption for spec in plans["train"] for caption in spec.captions]
-        with torch.random.fork_rng():
-            torch.manual_seed(TINY_SEED)
-            built = build_model(cfg, captions)
-        built.name = "tiny"
-        temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
-            save_checkpoint(built, temporary)
-            os.replace(temporary, out)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-    return out
+    cfg = load_config(TINY_CONFIG if TINY_CONFIG.exists() else None, ["model.kind=tiny"])
+    return build_once(out_dir, cfg, seed=TINY_SEED)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[str, str]:
