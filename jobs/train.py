@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/train.py` from a checkout
 
 from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
-from stgpt.training import prepare_synthetic_shards, run_training, synthetic_accuracy  # noqa: E402
+from stgpt.training import init_local_ray, prepare_synthetic_shards, run_training, synthetic_accuracy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.init()
         else:  # local: leave Ray Data at least one CPU beside the training workers
             needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
+            init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
     synthetic = cfg.data.annotations is None
     if synthetic:
         prepare_synthetic_shards(cfg)

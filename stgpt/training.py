@@ -730,15 +730,34 @@ def export_checkpoint(checkpoint, destination: Path) -> Path:
     return destination
 
 
+def init_local_ray(num_cpus: int, **kwargs) -> None:
+    """Start a private local Ray whose dashboard is on a free port, and point Ray's state API at it.
+
+    Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive. Given no address,
+    the state API picks the newest Ray instance on the machine; where several run (tests, other users) that may
+    be another one, and the cleaner then removes this run's placement group, killing its workers. Naming this
+    instance's dashboard in the job's environment (inherited by every actor) avoids that.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
+
+
 def _check_cpus(cfg: Config, log: Callable[[str], None]) -> None:
-    """Ray Data's decode tasks need CPUs the training workers leave free; say so rather than hang."""
+    """Ray Data's read tasks need a CPU the training workers leave free; say so rather than hang."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
     needed = cfg.train.num_workers * cfg.train.cpus_per_worker
     if total - needed < 1:
         log(f"warning: the cluster has {total:g} CPUs and training takes {needed:g}; Ray Data needs at least one "
-            "more to decode shards (start Ray with more CPUs, or lower train.num_workers / train.cpus_per_worker)")
+            "more to read the shards (start Ray with more CPUs, or lower train.num_workers / train.cpus_per_worker)")
 
 
 def _write_json(path: Path, value: Any) -> None:
