@@ -180,6 +180,23 @@ def _labels(tokenizer, texts: list[str]) -> torch.Tensor:
         return tokenize_captions(tokenizer, texts, max_length=MAX_CAPTION_TOKENS)
 
 
+class TimedIterator:
+    """Wraps an iterator and adds up the time spent waiting in `next()`: how long the loop waited for data."""
+
+    def __init__(self, iterable: Iterable):
+        self.iterator, self.seconds = iter(iterable), 0.0
+
+    def __iter__(self) -> "TimedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def lookahead(iterable: Iterable) -> Iterator[tuple[Any, bool]]:
     """(item, is_last) pairs: the loop must know the epoch's last batch to end a gradient-accumulation group."""
     iterator = iter(iterable)
@@ -309,12 +326,12 @@ def train_func(config: dict) -> dict:
         epoch_start, epoch_samples = time.perf_counter(), 0
         epoch_loss = RunningMean()
         micro = 0  # batches in the current accumulation group
-        batches = train_data.iter_torch_batches(
+        batches = TimedIterator(train_data.iter_torch_batches(
             batch_size=t.batch_size, prefetch_batches=2,
             collate_fn=functools.partial(collate_rows, tokenizer=tokenizer, video=cfg.video, seed=t.seed, epoch=epoch),
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=t.seed * 100_003 + epoch * 1_009 + rank,
-        )
+        ))
         for index, (batch, is_last) in enumerate(lookahead(batches)):
             if index < skip:  # resuming mid-epoch: these batches were trained before the checkpoint
                 continue
@@ -354,7 +371,7 @@ def train_func(config: dict) -> dict:
         # End of epoch: validation, metrics, checkpoint.
         seconds = time.perf_counter() - epoch_start
         metrics = {"epoch": epoch, "step": progress.step, "lr": scheduler.get_last_lr()[0],
-                   **log.epoch_train(epoch_loss, epoch_samples, seconds)}
+                   **log.epoch_train(epoch_loss, epoch_samples, seconds, batches.seconds)}
         if val_data is not None:
             metrics.update(validate(model, captioner, val_data, device, precision, cfg, log))
         metrics.update(log.epoch_health())
@@ -497,11 +514,13 @@ class Logger:
         ray.train.report(metrics)
         self.loss, self.samples, self.since = RunningMean(), 0, time.perf_counter()
 
-    def epoch_train(self, loss: RunningMean, samples: int, seconds: float) -> dict[str, float]:
+    def epoch_train(self, loss: RunningMean, samples: int, seconds: float, data_wait: float) -> dict[str, float]:
+        """Epoch loss and throughput over all workers; `data_wait_seconds`: the longest any worker waited for its
+        next batch (Ray Data's start of the epoch included), the part of the epoch the input pipeline cost."""
         values = self.all_reduce(torch.tensor([loss.total, loss.count, samples], dtype=torch.float64))
-        slowest = self.all_reduce(torch.tensor([seconds], dtype=torch.float64), op="max")
+        slowest = self.all_reduce(torch.tensor([seconds, data_wait], dtype=torch.float64), op="max")
         return {"train_loss": float(values[0] / values[1]) if values[1] else float("nan"),
-                "samples": int(values[2]), "epoch_seconds": float(slowest[0]),
+                "samples": int(values[2]), "epoch_seconds": float(slowest[0]), "data_wait_seconds": float(slowest[1]),
                 "samples_per_s": float(values[2]) / float(slowest[0]) if slowest[0] > 0 else 0.0}
 
     def epoch_health(self) -> dict[str, float]:
