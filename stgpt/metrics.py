@@ -19,9 +19,11 @@ driver tokenises all references in one Java run and all predictions in another, 
 pycocoevalcap's users do; that takes about a second, while the shards' METEOR jars are loading anyway.
 
 One shard is a `_Shard`: it runs in this process (`num_workers` None or 1) or as a Ray actor. It is an actor,
-not a task, because its METEOR jar takes seconds to load its paraphrase table: it starts loading when the
-shard is created, aligns the shard's segments while the rest of the work goes on, and stays alive for the
-final `EVAL`.
+not a task, because a METEOR jar lives in it: the jar starts loading its paraphrase table when the shard is
+created, aligns its segments while the rest of the work goes on, and stays alive for the final `EVAL`. Only
+one shard in two holds a jar (at least one does): loading the table costs a jar about as much CPU as aligning
+half of VATEX's test split, and its compiler and garbage-collector threads keep more than one core busy, so on
+few cores a jar per shard is slower than fewer jars aligning more segments each while the others do the rest.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ METRIC_NOTES = {
 }
 
 _NGRAM_ORDERS = 4  # CIDEr and BLEU both use 1- to 4-grams
+_SHARDS_PER_METEOR_JAR = 2  # see the module docstring
 _CIDER_SIGMA = 6.0  # CIDEr-D's length-penalty width, pycocoevalcap's default
 # Characters the PTB tokenizer treats as line ends. pycocoevalcap only replaces "\n", so any of the others
 # inside a caption shifts every later caption onto the wrong video; we replace them all with spaces.
@@ -77,6 +80,7 @@ class MetricsReport:
     references_without_prediction: list[str] = field(default_factory=list)
     empty_predictions: list[str] = field(default_factory=list)
     num_workers: int = 1
+    meteor_jars: int = 0  # METEOR jars that aligned segments in parallel
     node_ids: list[str] = field(default_factory=list)  # Ray nodes the shards ran on; empty without Ray
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for profiling
 
@@ -122,6 +126,7 @@ class MetricsReport:
             "references_without_prediction": self.references_without_prediction,
             "empty_predictions": self.empty_predictions,
             "num_workers": self.num_workers,
+            "meteor_jars": self.meteor_jars,
             "node_ids": self.node_ids,
             "timings": self.timings,
         }
@@ -162,7 +167,8 @@ def score_captions(
     pairs = [(predictions[vid], list(references[vid])) for vid in ids]
 
     num_shards = _shard_count(num_workers, len(pairs))
-    results, meteor, timings = _score_shards(pairs, wanted, num_shards)
+    num_jars = max(1, num_shards // _SHARDS_PER_METEOR_JAR) if METEOR in wanted else 0
+    results, meteor, timings = _score_shards(pairs, wanted, num_shards, num_jars)
 
     corpus, per_video = _combine(ids, results, meteor, wanted)
     return MetricsReport(
@@ -172,6 +178,7 @@ def score_captions(
         references_without_prediction=without_prediction,
         empty_predictions=[vid for vid in ids if not predictions[vid].strip()],
         num_workers=num_shards,
+        meteor_jars=num_jars,
         node_ids=sorted({r.node_id for r in results if r.node_id}) if num_shards > 1 else [],
         timings=timings,
     )
@@ -237,11 +244,14 @@ def _shard_count(num_workers: int | None, num_videos: int) -> int:
 
 
 def _score_shards(
-    pairs: list[tuple[str, list[str]]], wanted: tuple[str, ...], num_shards: int
+    pairs: list[tuple[str, list[str]]], wanted: tuple[str, ...], num_shards: int, num_jars: int
 ) -> tuple[list["_ShardResult"], "_MeteorEval | None", dict[str, float]]:
-    """Tokenise, then run the shards' phases with a barrier after each: in this process, or as Ray actors."""
+    """Tokenise, then run the shards' phases with a barrier after each: in this process, or as Ray actors.
+
+    `call(method, args)` calls `method` on the first `len(args)` shards, one argument tuple each, and waits.
+    """
     if num_shards == 1:
-        shards: list[Any] = [_Shard(wanted)]
+        shards: list[Any] = [_Shard(wanted, meteor=num_jars > 0)]
 
         def call(method: str, args: list[tuple]) -> list:
             return [getattr(shard, method)(*a) for shard, a in zip(shards, args)]
@@ -253,7 +263,7 @@ def _score_shards(
         import ray
 
         actor_class = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_Shard)
-        shards = [actor_class.remote(wanted) for _ in range(num_shards)]
+        shards = [actor_class.remote(wanted, meteor=i < num_jars) for i in range(num_shards)]
 
         def call(method: str, args: list[tuple]) -> list:
             return ray.get([getattr(shard, method).remote(*a) for shard, a in zip(shards, args)])
@@ -270,22 +280,27 @@ def _score_shards(
     try:  # the shards' METEOR jars are loading from here on
         hyps, refs = _tokenize(pairs)
         lap("tokenise")
-        bounds = np.linspace(0, len(pairs), num_shards + 1).astype(int)
-        slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        partial_counts = call("count_ngrams", [(hyps[s], refs[s]) for s in slices])
+        call("align_meteor", [(hyps[s], refs[s]) for s in _slices(len(pairs), num_jars)])  # returns at once
+        partial_counts = call("count_ngrams", [(hyps[s], refs[s]) for s in _slices(len(pairs), num_shards)])
         # Document frequencies of the whole reference corpus: the shards' counts add up exactly.
         document_frequency = share(_add_counts(partial_counts))
         lap("count n-grams")
         results = call("score", [(document_frequency, len(pairs))] * num_shards)
         lap("score")
         meteor = None
-        if METEOR in wanted:
+        if num_jars:  # the results list the jars' shards first, each with its slice's statistics in order
             meteor = call("meteor_eval", [([stat for r in results for stat in r.meteor_stats],)])[0]
             lap("METEOR EVAL")
     finally:
         with contextlib.suppress(Exception):  # an error while closing must not hide the one that got us here
             call("close", [()] * num_shards)
     return results, meteor, timings
+
+
+def _slices(length: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices of nearly equal size covering range(length)."""
+    bounds = np.linspace(0, length, parts + 1).astype(int)
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _add_counts(parts: list[Mapping[str, int]]) -> dict[str, int]:
@@ -324,11 +339,12 @@ class _MeteorEval:
 
 
 class _Shard:
-    """Scores a slice of the videos: count n-grams, then score once the corpus counts are known."""
+    """Scores a slice of the videos: count n-grams, then score once the corpus counts are known; a shard
+    created with `meteor=True` also aligns a slice of METEOR segments, in a jar that starts loading now."""
 
-    def __init__(self, metrics: tuple[str, ...]):
+    def __init__(self, metrics: tuple[str, ...], meteor: bool):
         self._metrics = metrics
-        self._meteor = _start_meteor() if METEOR in metrics else None  # loads while the driver tokenises
+        self._meteor = _start_meteor() if meteor else None  # loads while the driver tokenises
         self._meteor_thread: threading.Thread | None = None
         self._meteor_stats: list[str] = []
         self._meteor_error: RuntimeError | None = None
@@ -337,12 +353,14 @@ class _Shard:
         self._hyp_counts: list[list[dict[str, int]]] = []
         self._ref_counts: list[list[list[dict[str, int]]]] = []
 
+    def align_meteor(self, hyps: list[str], refs: list[list[str]]) -> None:
+        """Start aligning these tokenised segments in the background; `score` returns their statistics."""
+        self._meteor_thread = threading.Thread(target=self._align_meteor, args=(hyps, refs), daemon=True)
+        self._meteor_thread.start()
+
     def count_ngrams(self, hyps: list[str], refs: list[list[str]]) -> Mapping[str, int]:
-        """Take tokenised captions, start METEOR aligning, return this shard's reference document frequencies."""
+        """Take this shard's tokenised captions and return their references' document frequencies."""
         self._hyps, self._refs = hyps, refs
-        if self._meteor is not None:
-            self._meteor_thread = threading.Thread(target=self._align_meteor, daemon=True)
-            self._meteor_thread.start()
         if not any(m in self._metrics for m in (CIDER_D, CIDER, *BLEU)):
             return {}
         self._hyp_counts = [_ngram_counts(h) for h in self._hyps]
@@ -390,7 +408,7 @@ class _Shard:
             self._meteor.meteor_p.wait()
             self._meteor = None
 
-    def _align_meteor(self) -> None:
+    def _align_meteor(self, hyps: list[str], refs: list[list[str]]) -> None:
         """Send every SCORE line at once and read the statistics back, in order.
 
         pycocoevalcap's `_stat` waits for each answer before sending the next line, so the jar idles whenever
@@ -398,7 +416,7 @@ class _Shard:
         """
         assert self._meteor is not None
         process = self._meteor.meteor_p
-        lines = "".join(_meteor_score_line(h, refs) + "\n" for h, refs in zip(self._hyps, self._refs))
+        lines = "".join(_meteor_score_line(h, r) + "\n" for h, r in zip(hyps, refs))
 
         def write() -> None:
             with contextlib.suppress(BrokenPipeError):  # the jar died: the reader below says why
@@ -408,7 +426,7 @@ class _Shard:
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         try:
-            self._meteor_stats = [_read_meteor_line(process) for _ in self._hyps]
+            self._meteor_stats = [_read_meteor_line(process) for _ in hyps]
         except RuntimeError as error:
             self._meteor_error = error
         writer.join()

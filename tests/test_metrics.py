@@ -142,13 +142,14 @@ def test_single_process_equals_pycocoevalcap():
 
 
 def test_meteor_corpus_score_comes_from_summed_statistics(ray_cluster):
-    """METEOR's corpus score is not the mean of segment scores; shards' statistics are evaluated together."""
+    """METEOR's corpus score is not the mean of segment scores; two jars' statistics are evaluated together."""
     predictions, references = random_corpus(seed=4, num_videos=150)
     expected = pycocoevalcap_scores(predictions, references, metrics=METRICS)
 
-    report = score_captions(predictions, references, num_workers=2)
+    report = score_captions(predictions, references, num_workers=4)
 
     assert_same_scores(report, expected, METRICS)
+    assert report.meteor_jars == 2 and len(report.node_ids) > 1
     segment_mean = np.mean([scores[METEOR] for scores in report.per_video.values()])
     assert abs(segment_mean - report.corpus[METEOR]) > 1e-3  # so averaging shard scores would be wrong
 
@@ -206,7 +207,7 @@ def test_real_vatex_data(ray_cluster):
     predictions, references = load_vatex()
     report = score_captions(predictions, references, num_workers=2)
 
-    assert report.num_scored == 5295
+    assert report.num_scored == 5295 and report.meteor_jars == 1
     assert report.predictions_without_reference == []
     assert len(report.references_without_prediction) == 5336 - 5295
     readme = {CIDER_D: 51.68, CIDER: 63.65, "BLEU-4": 31.41, METEOR: 22.98, ROUGE_L: 48.93}
