@@ -90,7 +90,15 @@ def shard_dataset(paths: Sequence[str], expand_captions: bool = False):
     """
     import ray
 
-    dataset = ray.data.read_parquet(list(paths)).select_columns(SHARD_COLUMNS)
+    # Ray 2.60's default Parquet reader (datasource V2) starts 32 footer-reader actors each time a dataset runs,
+    # i.e. every epoch: 10-45 s per epoch on a 2-core machine, against 0.1 s for the V1 reader (measured on one
+    # shard). The choice is made when the dataset is created, so V1 is switched on for this call only.
+    context = ray.data.DataContext.get_current()
+    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        dataset = ray.data.read_parquet(list(paths)).select_columns(SHARD_COLUMNS)
+    finally:
+        context.use_datasource_v2 = default
     return dataset.flat_map(_one_row_per_caption()) if expand_captions else dataset
 
 
