@@ -35,4 +35,5 @@ def machine_info() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{cpus} CPU cores ({platform.processor() or platform.machine()}), Python {platform.python_version()}{load}, {when}"
+    machine = platform.processor() or platform.machine()
+    return f"{cpus} CPU cores ({machine}), Python {platform.python_version()}{load}, {when}"

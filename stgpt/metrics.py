@@ -18,12 +18,13 @@ PTB tokenisation is not split: the Stanford lexer looks across line ends (a sent
 driver tokenises all references in one Java run and all predictions in another, concurrently, exactly as
 pycocoevalcap's users do; that takes about a second, while the shards' METEOR jars are loading anyway.
 
-One shard is a `_Shard`: it runs in this process (`num_workers` None or 1) or as a Ray actor. It is an actor,
-not a task, because a METEOR jar lives in it: the jar starts loading its paraphrase table when the shard is
-created, aligns its segments while the rest of the work goes on, and stays alive for the final `EVAL`. Only
-one shard in two holds a jar (at least one does): loading the table costs a jar about as much CPU as aligning
-half of VATEX's test split, and its compiler and garbage-collector threads keep more than one core busy, so on
-few cores a jar per shard is slower than fewer jars aligning more segments each while the others do the rest.
+The workers have one of two jobs. A `_MeteorAligner` holds a METEOR jar: the jar starts loading its paraphrase
+table when the aligner is created, aligns a slice of the segments while the rest of the work goes on, and one
+of them stays alive for the final `EVAL`. An `_NgramShard` scores a slice of the videos for CIDEr, BLEU and
+ROUGE-L. Both run in this process (`num_workers` None or 1) or as Ray actors; actors, not tasks, because each
+keeps state between phases (a running jar, a shard's n-gram counts). Half the workers align (at least one):
+loading the table costs a jar about as much CPU as aligning half of VATEX's test split, and the jar is the
+longest chain of work, so fewer jars aligning more segments each, on cores of their own, finish soonest.
 """
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ METRIC_NOTES = {
 }
 
 _NGRAM_ORDERS = 4  # CIDEr and BLEU both use 1- to 4-grams
-_SHARDS_PER_METEOR_JAR = 2  # see the module docstring
 _CIDER_SIGMA = 6.0  # CIDEr-D's length-penalty width, pycocoevalcap's default
 # Characters the PTB tokenizer treats as line ends. pycocoevalcap only replaces "\n", so any of the others
 # inside a caption shifts every later caption onto the wrong video; we replace them all with spaces.
@@ -81,7 +81,7 @@ class MetricsReport:
     empty_predictions: list[str] = field(default_factory=list)
     num_workers: int = 1
     meteor_jars: int = 0  # METEOR jars that aligned segments in parallel
-    node_ids: list[str] = field(default_factory=list)  # Ray nodes the shards ran on; empty without Ray
+    node_ids: list[str] = field(default_factory=list)  # Ray nodes the workers ran on; empty without Ray
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for profiling
 
     @property
@@ -166,9 +166,10 @@ def score_captions(
     _check_java()
     pairs = [(predictions[vid], list(references[vid])) for vid in ids]
 
-    num_shards = _shard_count(num_workers, len(pairs))
-    num_jars = max(1, num_shards // _SHARDS_PER_METEOR_JAR) if METEOR in wanted else 0
-    results, meteor, timings = _score_shards(pairs, wanted, num_shards, num_jars)
+    workers = _worker_count(num_workers, len(pairs))
+    num_aligners = max(1, workers // 2) if METEOR in wanted else 0
+    num_shards = max(1, workers - num_aligners)
+    results, meteor, node_ids, timings = _run_workers(pairs, wanted, num_shards, num_aligners, ray=workers > 1)
 
     corpus, per_video = _combine(ids, results, meteor, wanted)
     return MetricsReport(
@@ -177,9 +178,9 @@ def score_captions(
         predictions_without_reference=without_reference,
         references_without_prediction=without_prediction,
         empty_predictions=[vid for vid in ids if not predictions[vid].strip()],
-        num_workers=num_shards,
-        meteor_jars=num_jars,
-        node_ids=sorted({r.node_id for r in results if r.node_id}) if num_shards > 1 else [],
+        num_workers=workers,
+        meteor_jars=num_aligners,
+        node_ids=node_ids,
         timings=timings,
     )
 
@@ -227,7 +228,7 @@ def _check_java() -> None:
         raise RuntimeError("PTB tokenisation and METEOR run Java (pycocoevalcap's jars): install a JRE")
 
 
-def _shard_count(num_workers: int | None, num_videos: int) -> int:
+def _worker_count(num_workers: int | None, num_videos: int) -> int:
     if num_workers is None or num_workers <= 1:
         return 1
     import ray
@@ -239,36 +240,38 @@ def _shard_count(num_workers: int | None, num_videos: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Running the shards: in this process or as Ray actors
+# Running the workers: in this process or as Ray actors
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _score_shards(
-    pairs: list[tuple[str, list[str]]], wanted: tuple[str, ...], num_shards: int, num_jars: int
-) -> tuple[list["_ShardResult"], "_MeteorEval | None", dict[str, float]]:
-    """Tokenise, then run the shards' phases with a barrier after each: in this process, or as Ray actors.
+def _run_workers(
+    pairs: list[tuple[str, list[str]]], wanted: tuple[str, ...], num_shards: int, num_aligners: int, ray: bool
+) -> tuple[list["_ShardResult"], "_MeteorEval | None", list[str], dict[str, float]]:
+    """Tokenise, then run the workers' phases with a barrier after each: in this process, or as Ray actors.
 
-    `call(method, args)` calls `method` on the first `len(args)` shards, one argument tuple each, and waits.
+    Returns the shards' results, METEOR's evaluation, the Ray nodes used and seconds per phase.
     """
-    if num_shards == 1:
-        shards: list[Any] = [_Shard(wanted, meteor=num_jars > 0)]
+    if ray:
+        import ray as ray_module
 
-        def call(method: str, args: list[tuple]) -> list:
-            return [getattr(shard, method)(*a) for shard, a in zip(shards, args)]
+        def start(worker_class: type, count: int) -> list:
+            actor_class = ray_module.remote(num_cpus=1, scheduling_strategy="SPREAD")(worker_class)
+            return [actor_class.remote() for _ in range(count)]
+
+        def call(workers: list, method: str, args: list[tuple]) -> list:
+            return ray_module.get([getattr(w, method).remote(*a) for w, a in zip(workers, args, strict=True)])
+
+        share = ray_module.put
+    else:
+
+        def start(worker_class: type, count: int) -> list:
+            return [worker_class() for _ in range(count)]
+
+        def call(workers: list, method: str, args: list[tuple]) -> list:
+            return [getattr(w, method)(*a) for w, a in zip(workers, args, strict=True)]
 
         def share(value: Any) -> Any:
             return value
-
-    else:
-        import ray
-
-        actor_class = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_Shard)
-        shards = [actor_class.remote(wanted, meteor=i < num_jars) for i in range(num_shards)]
-
-        def call(method: str, args: list[tuple]) -> list:
-            return ray.get([getattr(shard, method).remote(*a) for shard, a in zip(shards, args)])
-
-        share = ray.put
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -277,24 +280,31 @@ def _score_shards(
         nonlocal clock
         timings[phase], clock = time.perf_counter() - clock, time.perf_counter()
 
-    try:  # the shards' METEOR jars are loading from here on
+    aligners = start(_MeteorAligner, num_aligners)  # their jars load from here on
+    shards = start(_NgramShard, num_shards) if set(wanted) - {METEOR} else []
+    try:
         hyps, refs = _tokenize(pairs)
         lap("tokenise")
-        call("align_meteor", [(hyps[s], refs[s]) for s in _slices(len(pairs), num_jars)])  # returns at once
-        partial_counts = call("count_ngrams", [(hyps[s], refs[s]) for s in _slices(len(pairs), num_shards)])
+        call(aligners, "align", [(hyps[s], refs[s]) for s in _slices(len(pairs), num_aligners)])  # returns at once
+        shard_inputs = [(hyps[s], refs[s], wanted) for s in _slices(len(pairs), len(shards))]
+        partial_counts = call(shards, "count_ngrams", shard_inputs)
         # Document frequencies of the whole reference corpus: the shards' counts add up exactly.
         document_frequency = share(_add_counts(partial_counts))
         lap("count n-grams")
-        results = call("score", [(document_frequency, len(pairs))] * num_shards)
+        results = call(shards, "score", [(document_frequency, len(pairs))] * len(shards))
         lap("score")
         meteor = None
-        if num_jars:  # the results list the jars' shards first, each with its slice's statistics in order
-            meteor = call("meteor_eval", [([stat for r in results for stat in r.meteor_stats],)])[0]
+        if aligners:
+            statistics = call(aligners, "statistics", [()] * len(aligners))
+            lap("METEOR align (rest)")
+            meteor = call(aligners[:1], "evaluate", [([stat for part in statistics for stat in part],)])[0]
             lap("METEOR EVAL")
+        workers = aligners + shards
+        node_ids = sorted(set(call(workers, "node_id", [()] * len(workers)))) if ray else []
     finally:
         with contextlib.suppress(Exception):  # an error while closing must not hide the one that got us here
-            call("close", [()] * num_shards)
-    return results, meteor, timings
+            call(aligners, "close", [()] * len(aligners))
+    return results, meteor, node_ids, timings
 
 
 def _slices(length: int, parts: int) -> list[slice]:
@@ -316,20 +326,18 @@ def _add_counts(parts: list[Mapping[str, int]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One shard's work
+# The two kinds of worker
 # ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _ShardResult:
-    """Per-video scores of one shard, in the shard's video order, and what the corpus scores need."""
+    """Per-video CIDEr and ROUGE-L scores and BLEU statistics of one shard, in the shard's video order."""
 
     cider_d: list[float]
     cider: list[float]
     rouge_l: list[float]
     bleu_stats: list[dict]  # pycocoevalcap's cook_test output per video
-    meteor_stats: list[str]  # METEOR jar's segment statistics per video
-    node_id: str
 
 
 @dataclass
@@ -338,38 +346,29 @@ class _MeteorEval:
     per_video: list[float]
 
 
-class _Shard:
-    """Scores a slice of the videos: count n-grams, then score once the corpus counts are known; a shard
-    created with `meteor=True` also aligns a slice of METEOR segments, in a jar that starts loading now."""
+class _NgramShard:
+    """CIDEr, BLEU and ROUGE-L for a slice of the videos: count n-grams, then score once the corpus's counts
+    are known."""
 
-    def __init__(self, metrics: tuple[str, ...], meteor: bool):
-        self._metrics = metrics
-        self._meteor = _start_meteor() if meteor else None  # loads while the driver tokenises
-        self._meteor_thread: threading.Thread | None = None
-        self._meteor_stats: list[str] = []
-        self._meteor_error: RuntimeError | None = None
+    def __init__(self) -> None:
+        self._metrics: tuple[str, ...] = ()
         self._hyps: list[str] = []
         self._refs: list[list[str]] = []
         self._hyp_counts: list[list[dict[str, int]]] = []
         self._ref_counts: list[list[list[dict[str, int]]]] = []
 
-    def align_meteor(self, hyps: list[str], refs: list[list[str]]) -> None:
-        """Start aligning these tokenised segments in the background; `score` returns their statistics."""
-        self._meteor_thread = threading.Thread(target=self._align_meteor, args=(hyps, refs), daemon=True)
-        self._meteor_thread.start()
-
-    def count_ngrams(self, hyps: list[str], refs: list[list[str]]) -> Mapping[str, int]:
+    def count_ngrams(self, hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...]) -> Mapping[str, int]:
         """Take this shard's tokenised captions and return their references' document frequencies."""
-        self._hyps, self._refs = hyps, refs
-        if not any(m in self._metrics for m in (CIDER_D, CIDER, *BLEU)):
+        self._hyps, self._refs, self._metrics = hyps, refs, metrics
+        if not any(m in metrics for m in (CIDER_D, CIDER, *BLEU)):
             return {}
-        self._hyp_counts = [_ngram_counts(h) for h in self._hyps]
-        self._ref_counts = [[_ngram_counts(r) for r in refs] for refs in self._refs]
-        if CIDER_D not in self._metrics and CIDER not in self._metrics:
+        self._hyp_counts = [_ngram_counts(h) for h in hyps]
+        self._ref_counts = [[_ngram_counts(r) for r in group] for group in refs]
+        if CIDER_D not in metrics and CIDER not in metrics:
             return {}
         frequency: Counter[str] = Counter()
-        for refs in self._ref_counts:
-            frequency.update({ngram for ref in refs for order in ref for ngram in order})
+        for group in self._ref_counts:
+            frequency.update({ngram for ref in group for order in ref for ngram in order})
         return frequency
 
     def score(self, document_frequency: Mapping[str, int], num_videos: int) -> _ShardResult:
@@ -384,37 +383,58 @@ class _Shard:
         rouge_l = []
         if ROUGE_L in self._metrics:
             rouge_l = [_rouge_l(h, refs) for h, refs in zip(self._hyps, self._refs)]
-        if self._meteor_thread is not None:
-            self._meteor_thread.join()
-            if self._meteor_error is not None:
-                raise self._meteor_error
-        return _ShardResult(cider_d, cider, rouge_l, bleu_stats, self._meteor_stats, _node_id())
+        return _ShardResult(cider_d, cider, rouge_l, bleu_stats)
 
-    def meteor_eval(self, stats: list[str]) -> _MeteorEval:
-        """Run the METEOR jar's EVAL over the statistics of *all* shards: the corpus score and per video."""
-        assert self._meteor is not None
+    def node_id(self) -> str:
+        return _node_id()
+
+
+class _MeteorAligner:
+    """A METEOR jar (pycocoevalcap's wrapper) that aligns a slice of the segments in the background."""
+
+    def __init__(self) -> None:
+        self._meteor = _start_meteor()  # loads its paraphrase table while the driver tokenises
+        self._thread: threading.Thread | None = None
+        self._statistics: list[str] = []
+        self._error: RuntimeError | None = None
+
+    def align(self, hyps: list[str], refs: list[list[str]]) -> None:
+        """Start aligning these tokenised segments; `statistics` returns the result."""
+        self._thread = threading.Thread(target=self._align, args=(hyps, refs), daemon=True)
+        self._thread.start()
+
+    def statistics(self) -> list[str]:
+        """The jar's sufficient statistics per segment, in order, once aligning is done."""
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._statistics
+
+    def evaluate(self, statistics: list[str]) -> _MeteorEval:
+        """Run the jar's EVAL over the statistics of *all* aligners: the corpus score and per video."""
         process = self._meteor.meteor_p
         with self._meteor.lock:
-            process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            process.stdin.write(("EVAL ||| " + " ||| ".join(statistics) + "\n").encode())
             process.stdin.flush()
-            per_video = [float(_read_meteor_line(process)) for _ in stats]
+            per_video = [float(_read_meteor_line(process)) for _ in statistics]
             corpus = float(_read_meteor_line(process))
         return _MeteorEval(corpus, per_video)
 
     def close(self) -> None:
-        """Stop the METEOR jar (an actor killed by Ray would otherwise leave it running)."""
-        if self._meteor is not None:
-            self._meteor.meteor_p.kill()
-            self._meteor.meteor_p.wait()
-            self._meteor = None
+        """Stop the jar (an actor that Ray kills would otherwise leave it running)."""
+        self._meteor.meteor_p.kill()
+        self._meteor.meteor_p.wait()
 
-    def _align_meteor(self, hyps: list[str], refs: list[list[str]]) -> None:
+    def node_id(self) -> str:
+        return _node_id()
+
+    def _align(self, hyps: list[str], refs: list[list[str]]) -> None:
         """Send every SCORE line at once and read the statistics back, in order.
 
         pycocoevalcap's `_stat` waits for each answer before sending the next line, so the jar idles whenever
         the Python side is not scheduled; a writer thread keeps it fed instead. The lines are `_stat`'s.
         """
-        assert self._meteor is not None
         process = self._meteor.meteor_p
         lines = "".join(_meteor_score_line(h, r) + "\n" for h, r in zip(hyps, refs))
 
@@ -426,9 +446,9 @@ class _Shard:
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         try:
-            self._meteor_stats = [_read_meteor_line(process) for _ in hyps]
+            self._statistics = [_read_meteor_line(process) for _ in hyps]
         except RuntimeError as error:
-            self._meteor_error = error
+            self._error = error
         writer.join()
 
 
@@ -603,7 +623,7 @@ def _start_meteor():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Combining shards
+# Combining the workers' results
 # ----------------------------------------------------------------------------------------------------------
 
 
