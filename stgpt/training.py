@@ -514,13 +514,14 @@ class Logger:
         import ray.train
 
         values = self.all_reduce(torch.tensor([self.loss.total, self.loss.count, self.samples], dtype=torch.float64))
-        seconds = time.perf_counter() - self.since
+        now = time.perf_counter()
+        seconds, self.since = now - self.since, now  # the report below counts in the next window: it is a barrier
         metrics = {"epoch": progress.epoch, "step": progress.step, "lr": lr,
                    "train_loss": float(values[0] / values[1]) if values[1] else float("nan"),
                    "samples_per_s": float(values[2]) / seconds if seconds > 0 else 0.0}
         self._write("step", metrics, progress.step)
         ray.train.report(metrics)
-        self.loss, self.samples, self.since = RunningMean(), 0, time.perf_counter()
+        self.loss, self.samples = RunningMean(), 0
 
     def epoch_train(self, loss: RunningMean, samples: int, seconds: float, data_wait: float) -> dict[str, float]:
         """Epoch loss and throughput over all workers; `data_wait_seconds`: the longest any worker waited for its
@@ -690,6 +691,10 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
         datasets["validation"] = shard_dataset(val_paths)
     _check_cpus(cfg, log)
 
+    # A worker's ray.train.report waits until the controller has taken its previous report, and the controller
+    # polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so metrics reported more often than
+    # that stall training. Poll every 0.5 s unless the user chose otherwise (Ray propagates it to the controller).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     mode = metric_mode(t.checkpoint_metric)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
@@ -798,9 +803,11 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def prepare_synthetic_shards(cfg: Config, log: Callable[[str], None] = print) -> None:
-    """Make the synthetic dataset and preprocess it into `data.shards` unless complete shards are there."""
-    if all(split_paths(cfg, split, required=False) for split in ("train", "validation", "test")):
-        return
+    """Make the synthetic dataset (`data.root`) and preprocess it into `data.shards`, as far as not done yet.
+
+    Both steps are idempotent and check their output against the config: a folder made with other sizes or
+    frame settings is an error that says so (FileExistsError, PreprocessError), never silently trained on.
+    """
     from stgpt.preprocessing import SplitInput, preprocess
     from stgpt.synthetic import make_synthetic_dataset
 
