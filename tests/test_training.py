@@ -44,8 +44,12 @@ SMALL = [f"video.num_frames={FRAMES}", f"video.short_side={SIZE}", f"video.crop_
          "generation.num_beams=2", "generation.max_new_tokens=12"]
 
 
+# 16 training videos (+2 bad rows added below), 6 for validation, 2 for test
+DATA = ["data.synthetic_train=16", "data.synthetic_validation=6", "data.synthetic_test=2", "data.synthetic_seed=3"]
+
+
 def small_config(tmp: Path, shards: Path, root: Path, *overrides: str):
-    return load_config(CONFIG_DIR / "tiny.yaml", [*SMALL, f"data.shards={shards}", f"data.root={root}",
+    return load_config(CONFIG_DIR / "tiny.yaml", [*SMALL, *DATA, f"data.shards={shards}", f"data.root={root}",
                                                   f"train.output_dir={tmp}", *overrides])
 
 
@@ -165,18 +169,13 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory, ray_cluster):
-    """The synthetic dataset, preprocessed by stgpt.preprocessing; two bad rows appended to the train shard."""
-    from stgpt.preprocessing import SplitInput, preprocess
-    from stgpt.synthetic import make_synthetic_dataset
+    """The synthetic dataset made and preprocessed as the default job does it (stgpt.preprocessing underneath),
+    then two bad rows appended to the train shard."""
+    from stgpt.training import prepare_synthetic_shards
 
     base = tmp_path_factory.mktemp("train-data")
     root, shards = base / "data", base / "shards"
-    dataset = make_synthetic_dataset(root, {"train": 16, "validation": 6, "test": 2}, seed=3, size=(64, 64),
-                                     num_frames=16)
-    cfg = small_config(base / "unused", shards, root)
-    sources = [SplitInput(split, str(path), str(dataset.video_dir)) for split, path in dataset.annotation_paths.items()]
-    summary = preprocess(sources, shards, cfg, progress=False, log=lambda _: None)
-    assert summary.rows == 24 and summary.errors == 0
+    prepare_synthetic_shards(small_config(base / "unused", shards, root), log=lambda _: None)
 
     (train_path,) = list_shards(shards, "train")
     table = pq.read_table(train_path)
@@ -267,7 +266,7 @@ def test_train_job_submitted_to_a_ray_cluster(tmp_path, synthetic_shards):
 
     root, shards = synthetic_shards
     out = tmp_path / "job"
-    command = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *SMALL, f"data.root={root}",
+    command = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *SMALL, *DATA, f"data.root={root}",
                f"data.shards={shards}", f"train.output_dir={out}", "train.num_workers=1", "train.epochs=1",
                "train.batch_size=6"]
     job_id = f"stgpt-train-{uuid.uuid4().hex[:8]}"
