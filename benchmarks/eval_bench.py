@@ -172,8 +172,8 @@ def main() -> int:
     table = "\n".join([
         "## Evaluation: scoring 5,295 VATEX test captions",
         "",
-        f"Host: {host} (load average {end_load:.1f} at the end: the machine is shared, so figures move between",
-        "runs). One run of each; `benchmarks/eval_bench.py`. Niceness of the driver and Ray workers: "
+        f"Host: {host} at the start, {end_load:.1f} at the end (a machine shared with other work, so figures",
+        "move between runs). One run of each; `benchmarks/eval_bench.py`. Niceness of the driver and Ray workers: "
         f"{', '.join(map(str, sorted(niceness)))}.",
         "",
         "| run | seconds | speed-up | nodes used | largest score difference to pycocoevalcap "
