@@ -50,6 +50,7 @@ class ModelConfig:
     num_heads: int = 2
     patch_size: int = 16
     vocab_size: int = 512  # of the byte-level BPE tokenizer trained on the dataset's captions
+    dropout: float = 0.1  # GPT-2's residual, embedding and attention dropout (TimeSformer's default is 0)
 
 
 @dataclass

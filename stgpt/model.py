@@ -96,6 +96,7 @@ def build_tiny(model_cfg: ModelConfig, video_cfg: VideoConfig, tokenizer: PreTra
     decoder = GPT2Config(
         vocab_size=len(tokenizer), n_positions=256, n_embd=model_cfg.hidden_size, n_layer=model_cfg.num_layers,
         n_head=model_cfg.num_heads, add_cross_attention=True, is_decoder=True,
+        resid_pdrop=model_cfg.dropout, embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)

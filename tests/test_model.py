@@ -87,6 +87,23 @@ def test_training_steps_reduce_the_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_tiny_dropout_is_configurable(tiny):
+    assert tiny.model.config.decoder.resid_pdrop == 0.1  # GPT-2's default unless the config says otherwise
+    bare = build_model(tiny_config(**{"model.dropout": 0.0}), CAPTIONS).model.train()
+    pixel_values = to_pixel_values(random_frames(2), tiny.video)
+    labels = tokenize_captions(tiny.tokenizer, CAPTIONS[:2])
+    # no dropout: two training-mode passes agree; with GPT-2's default they do not
+    first, second = (bare(pixel_values=pixel_values, labels=labels).loss for _ in range(2))
+    assert torch.equal(first, second)
+    was_training = tiny.model.training
+    noisy = tiny.model.train()
+    try:
+        assert not torch.equal(noisy(pixel_values=pixel_values, labels=labels).loss,
+                               noisy(pixel_values=pixel_values, labels=labels).loss)
+    finally:
+        noisy.train(was_training)
+
+
 def test_checkpoint_is_self_contained(tiny, tmp_path):
     save_checkpoint(tiny, tmp_path / "ckpt")
     ckpt = tmp_path / "ckpt"
