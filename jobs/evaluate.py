@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. evaluate.num_actors=4 "
                         "generation.num_beams=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the options
 
     try:
         cfg = load_config(args.config, args.overrides)

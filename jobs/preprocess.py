@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace splits made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. preprocess.rows_per_shard=64")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the options
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="override http_options.port")
     parser.add_argument("--num-replicas", type=int, help="a fixed number of replicas instead of autoscaling")
     parser.add_argument("overrides", nargs="*", help="serve.KEY=VALUE or generation.KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     spec = load_serve_file(args.config)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the options
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
 
