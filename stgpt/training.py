@@ -60,6 +60,7 @@ from stgpt.transforms import resize_and_crop, to_pixel_values
 
 STATE_FILE = "training_state.pt"  # optimiser, scheduler, scaler, progress: in Ray's checkpoints, not in best/
 BEST_DIR = "best"
+PROGRESS_FILE = "epochs.jsonl"  # one line of metrics per finished epoch, appended by rank 0 (EpochProgress)
 RUN_NAME = "ray"  # Ray Train's run folder under train.output_dir; a fixed name is what makes re-runs resume
 SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width", "captions"]
 MAX_CAPTION_TOKENS = 64
@@ -321,7 +322,7 @@ def train_func(config: dict) -> dict:
                "optimizer_state_entries": len(optimizer.state)}
 
     writer = _tensorboard(t.output_dir, progress.step) if rank == 0 else None
-    log = Logger(rank, world, writer, device)
+    log = Logger(rank, world, writer, device, Path(t.output_dir) / PROGRESS_FILE if rank == 0 else None)
     train_data = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("validation") if config.get("has_validation") else None
     hooks: Sequence[Hook] = config.get("hooks") or ()
@@ -475,8 +476,9 @@ class Logger:
     """Metrics across workers: sums them with all-reduce, reports through `ray.train.report` (every worker must
     call it, it is a barrier) and writes TensorBoard events on rank 0."""
 
-    def __init__(self, rank: int, world: int, writer, device: torch.device):
+    def __init__(self, rank: int, world: int, writer, device: torch.device, progress_file: Path | None = None):
         self.rank, self.world, self.writer, self.device = rank, world, writer, device
+        self.progress_file = progress_file  # rank 0 appends each epoch's metrics here, for the driver to show
         self.loss, self.samples, self.since = RunningMean(), 0, time.perf_counter()
         self.num_bad = {"train": 0, "validation": 0}
         self.shown_bad = 0
@@ -550,6 +552,9 @@ class Logger:
         if self.rank == 0:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             print(f"[train] {shown}", flush=True)
+            if self.progress_file is not None:
+                with open(self.progress_file, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(metrics) + "\n")
 
     def _write(self, prefix: str, metrics: dict, step: int) -> None:
         if self.writer is None:
@@ -714,7 +719,8 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     )
     log(f"training on {len(captions)} videos ({num_samples} samples/epoch, {len(train_paths)} train shards, "
         f"{len(val_paths)} validation shards) with {t.num_workers} worker(s); output: {output_dir}")
-    result = trainer.fit()
+    with EpochProgress(output_dir / PROGRESS_FILE, t.epochs, log):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
 
@@ -734,6 +740,54 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
         "tensorboard": str(output_dir / "tensorboard"), "checkpoint_metric": t.checkpoint_metric,
     })
     return summary
+
+
+class EpochProgress:
+    """Shows each finished epoch on the driver while `trainer.fit()` runs: rank 0 appends its metrics to
+    `<train.output_dir>/epochs.jsonl` and a thread here reads the new lines. Worker logs may not reach the driver
+    (`log_to_driver=False`, a job's own log), and the output directory is the run's shared storage anyway."""
+
+    def __init__(self, path: Path, epochs: int, log: Callable[[str], None], interval_s: float = 1.0):
+        self.path, self.epochs, self.log, self.interval_s = path, epochs, log, interval_s
+        self.offset = path.stat().st_size if path.exists() else 0  # lines of earlier runs are not news
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="epoch-progress", daemon=True)
+
+    def __enter__(self) -> "EpochProgress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._show_new()  # the last epoch's line
+
+    def _follow(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self._show_new()
+
+    def _show_new(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as lines:
+            lines.seek(self.offset)
+            for line in lines:
+                if not line.endswith("\n"):
+                    break  # rank 0 is still writing it
+                self.offset += len(line.encode("utf-8"))
+                try:
+                    self.log(format_epoch(json.loads(line), self.epochs))
+                except (ValueError, KeyError):
+                    continue
+
+
+def format_epoch(metrics: dict, epochs: int) -> str:
+    """One line for people: 'epoch 3/60: train_loss 1.234, val_loss 1.111, 118 samples/s, 9 s'."""
+    parts = [f"{key} {metrics[key]:.4g}" for key in ("train_loss", "val_loss", "val_cider") if key in metrics]
+    parts += [f"{metrics['samples_per_s']:.0f} samples/s", f"{metrics['epoch_seconds']:.0f} s"]
+    if metrics.get("bad_rows"):
+        parts.append(f"{metrics['bad_rows']} bad rows skipped")
+    return f"epoch {metrics['epoch'] + 1}/{epochs}: " + ", ".join(parts)
 
 
 def _best(result, metric: str, mode: str):

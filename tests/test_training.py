@@ -7,10 +7,12 @@ last checkpoint, that training learned, and what it leaves behind. The job test 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -223,7 +225,8 @@ def test_distributed_training_survives_a_killed_worker_and_learns(tmp_path, synt
                        "train.checkpoint_every_steps=1", "train.max_failures=1", "train.shuffle_buffer=8")
     # 18 train rows (2 bad) -> 9 per worker -> batches of 4, 4, 1: 3 steps an epoch. Rank 1 dies after the second
     # step of epoch 1, right after reporting the mid-epoch checkpoint of that step.
-    result = run_training(cfg, hooks=[KillOnce(str(marker), epoch=1, batch=2)], log=lambda _: None)
+    logged: list[str] = []
+    result = run_training(cfg, hooks=[KillOnce(str(marker), epoch=1, batch=2)], log=logged.append)
 
     assert marker.exists(), "the worker was never killed"
     started, finished = result.return_value["started"], result.return_value["finished"]
@@ -234,6 +237,10 @@ def test_distributed_training_survives_a_killed_worker_and_learns(tmp_path, synt
 
     last = result.last_metrics
     assert last["epoch"] == 2 and last["bad_rows"] == 2 and last["samples"] == 16  # bad rows skipped, counted
+    # the driver showed each epoch as it finished, once (the killed attempt died inside epoch 2, before its line)
+    shown = [line.split(":")[0] for line in logged if line.startswith("epoch ")]
+    assert shown == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], logged
+    assert "val_loss" in next(line for line in logged if line.startswith("epoch 3/3"))
 
     # learned: the loss fell well below where it started
     scalars = _scalars(tmp_path / "run" / "tensorboard")
@@ -259,16 +266,43 @@ def test_distributed_training_survives_a_killed_worker_and_learns(tmp_path, synt
     kept = [p for p in (tmp_path / "run" / "ray").iterdir() if p.is_dir()]
     assert 1 <= len(kept) <= 2, kept  # the best one and the latest
 
+    # running the job again on the same output_dir, one more epoch asked: it resumes after epoch 2
+    again = run_training(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4)), log=lambda _: None)
+    started = again.return_value["started"]
+    assert started["resumed"] and (started["epoch"], started["batch"], started["step"]) == (3, 0, 9), started
+    assert again.return_value["finished"] == {"epoch": 4, "batch": 0, "step": 12} and again.last_metrics["epoch"] == 3
+
+
+def test_epoch_progress_shows_new_whole_lines_only(tmp_path):
+    from stgpt.training import EpochProgress
+
+    path = tmp_path / "epochs.jsonl"
+    line = {"epoch": 0, "train_loss": 2.5, "val_loss": 2.25, "samples_per_s": 120.4, "epoch_seconds": 8.6}
+    path.write_text(json.dumps(line) + "\n")  # an earlier run's: not shown again
+    shown: list[str] = []
+    with EpochProgress(path, epochs=3, log=shown.append, interval_s=0.05) as progress:
+        with open(path, "a") as out:
+            out.write(json.dumps({**line, "epoch": 1, "bad_rows": 2}) + "\n" + json.dumps({**line, "epoch": 2})[:20])
+            out.flush()
+            deadline = time.time() + 10
+            while not shown and time.time() < deadline:
+                time.sleep(0.05)
+            assert shown == ["epoch 2/3: train_loss 2.5, val_loss 2.25, 120 samples/s, 9 s, 2 bad rows skipped"]
+            out.write(json.dumps({**line, "epoch": 2})[20:] + "\n")  # the rest of the half-written line
+    assert shown[1:] == ["epoch 3/3: train_loss 2.5, val_loss 2.25, 120 samples/s, 9 s"] and progress.offset == path.stat().st_size
+
 
 @pytest.mark.slow
-def test_train_job_submitted_to_a_ray_cluster(tmp_path, synthetic_shards):
+def test_train_then_evaluate_jobs_submitted_to_a_ray_cluster(tmp_path, synthetic_shards):
     from local_cluster import local_ray_cluster
 
     root, shards = synthetic_shards
     out = tmp_path / "job"
+    # the original's every caption every epoch, gradient accumulation and CIDEr-D on validation videos, on the way
     command = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *SMALL, *DATA, f"data.root={root}",
                f"data.shards={shards}", f"train.output_dir={out}", "train.num_workers=1", "train.epochs=1",
-               "train.batch_size=6"]
+               "train.batch_size=8", "train.all_captions_each_epoch=true", "train.grad_accum_steps=2",
+               "train.val_cider_videos=4"]
     job_id = f"stgpt-train-{uuid.uuid4().hex[:8]}"
     with local_ray_cluster(num_workers=1, cpus_per_node=1) as cluster:
         # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner must ask this cluster, not the newest Ray on
@@ -278,10 +312,27 @@ def test_train_job_submitted_to_a_ray_cluster(tmp_path, synthetic_shards):
                                       extra_args=["--submission-id", job_id])
         status = subprocess.run([cluster.ray_executable, "job", "status", "--address", cluster.dashboard_url, job_id],
                                 env=cluster.env, capture_output=True, text=True, timeout=60)
+        # the next step of the workflow on the same cluster: evaluate the exported checkpoint on the test split
+        scored = None
+        if finished.returncode == 0:
+            evaluation = ["python", "jobs/evaluate.py", "--config", "configs/tiny.yaml", *SMALL, "--checkpoint",
+                          str(out / "best"), "--data", str(shards), "--output", str(tmp_path / "eval"),
+                          "evaluate.num_actors=2", "evaluate.metric_workers=1", "evaluate.metrics=[CIDEr-D,ROUGE-L]"]
+            scored = cluster.job_submit(evaluation, working_dir=REPO_ROOT, timeout=300)
     assert finished.returncode == 0, finished.stdout[-4000:]
     assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
     assert "best checkpoint:" in finished.stdout and "motion" in finished.stdout  # the job's own report
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_dir"] == str(out / "best") and summary["best_metrics"]["bad_rows"] == 2
+    best = summary["best_metrics"]
+    assert summary["best_dir"] == str(out / "best")
+    # 16 videos x 10 captions; the bad rows count once per caption row (10 for the short one, 1 with none)
+    assert best["samples"] == 160 and best["bad_rows"] == 11
+    assert best["step"] == 11  # 171 rows in batches of 8: 22 batches, 2 per optimiser step
+    assert best["val_cider_videos"] == 4 and best["val_cider"] >= 0
     assert (out / "best" / "model.safetensors").exists() and (out / "best" / "tokenizer.json").exists()
     assert set(summary["test_accuracy"]) >= {"colour", "shape", "motion"}
+    assert scored is not None and scored.returncode == 0, scored.stdout[-4000:]
+    assert "CIDEr-D" in scored.stdout  # the job's table, in the submitted job's logs
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(out / "best") and metrics["untrained"] is False, metrics
+    assert metrics["counts"]["predictions"] == 2 and sum(metrics["nodes"].values()) == 2, metrics
