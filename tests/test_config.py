@@ -1,5 +1,4 @@
 """The YAML config loader and its overrides."""
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from stgpt.config import CONFIG_DIR, ConfigError
 from stgpt.inference import Captioner
