@@ -159,7 +159,8 @@ def learn(write: bool) -> str:
         f"Config: configs/tiny.yaml ({cfg.model.hidden_size}-wide, {cfg.model.num_layers} layers, patch "
         f"{cfg.model.patch_size}, {cfg.video.num_frames} frames of {cfg.video.crop_size} px; "
         f"{cfg.data.synthetic_train} training videos, {cfg.train.epochs} epochs, {cfg.train.num_workers} workers, "
-        f"batch {cfg.train.batch_size} per worker, lr {cfg.train.lr:g}). Best checkpoint: epoch {best.get('epoch')}, "
+        f"batch {cfg.train.batch_size} per worker, lr {cfg.train.lr:g}, warm-up {cfg.train.warmup_ratio:g}, dropout "
+        f"{cfg.model.dropout:g}). Best checkpoint: epoch {best.get('epoch')}, "
         f"val_loss {best.get('val_loss', float('nan')):.3f}.",
         "",
         f"Captions generated ({cfg.generation.num_beams}-beam search) for the {int(acc['num_videos'])} videos of the "

@@ -1,6 +1,6 @@
 """The whole suite on local Ray, with no flags and no downloads: the README's main job.
 
-    python jobs/demo.py                       # about 10 minutes on a 2-core CPU
+    python jobs/demo.py                       # about 11 minutes on a 2-core CPU
     python jobs/demo.py train.epochs=4        # any config override
 
 1. make the synthetic moving-shapes dataset and preprocess it into Parquet shards with Ray Data;
