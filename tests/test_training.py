@@ -317,7 +317,7 @@ def test_train_then_evaluate_jobs_submitted_to_a_ray_cluster(tmp_path, synthetic
         if finished.returncode == 0:
             evaluation = ["python", "jobs/evaluate.py", "--config", "configs/tiny.yaml", *SMALL, "--checkpoint",
                           str(out / "best"), "--data", str(shards), "--output", str(tmp_path / "eval"),
-                          "evaluate.num_actors=2", "evaluate.metric_workers=1", "evaluate.metrics=[CIDEr-D,ROUGE-L]"]
+                          "evaluate.num_actors=1", "evaluate.metric_workers=1", "evaluate.metrics=[CIDEr-D,ROUGE-L]"]
             scored = cluster.job_submit(evaluation, working_dir=REPO_ROOT, timeout=300)
     assert finished.returncode == 0, finished.stdout[-4000:]
     assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
