@@ -41,6 +41,7 @@ import numpy as np
 from stgpt.annotations import VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
 from stgpt.model import ensure_tiny_checkpoint
+from stgpt.training import BEST_DIR
 
 GENERATED_CAPTIONS = "generated_captions.json"
 METRICS_FILE = "metrics.json"
@@ -49,7 +50,6 @@ ERRORS_FILE = "errors.jsonl"
 
 # With no --checkpoint: training's best (<train.output_dir>/best) if there is one, else a tiny random-init model,
 # said loudly. Paths are relative to the working directory.
-BEST_DIR = "best"
 UNTRAINED_CHECKPOINT = Path("outputs/eval/untrained-tiny")
 UNTRAINED_SEED = 0
 UNTRAINED_NOTE = ("UNTRAINED: a tiny random-init model, since there is no trained checkpoint at "
@@ -93,7 +93,7 @@ def shard_input(data: str | os.PathLike, split: str = "test", references: str | 
     from stgpt.shards import list_shards
 
     text = os.fspath(data)
-    if any(char in text for char in "*?["):  # a glob of shard files
+    if _is_glob(text):
         files = sorted(os.path.abspath(f) for f in glob.glob(text))
         if not files:
             raise FileNotFoundError(f"no shard files match {text}")
@@ -512,6 +512,11 @@ def _score_and_write(out: Path, predictions: dict[str, str], references: dict[st
     return result
 
 
+def _is_glob(text: str) -> bool:
+    """Whether --data names shard files by a glob pattern (as `glob.glob` reads one)."""
+    return any(char in text for char in "*?[")
+
+
 def _check_metrics(cfg: Config) -> None:
     """Refuse unknown metric names before any work, not after an hour of generation."""
     from stgpt.metrics import METRICS
@@ -566,7 +571,7 @@ def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.
             return synthetic_input(cfg, log)
         data = cfg.data.shards
     text = os.fspath(data)
-    if any(char in text for char in "*?[") or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
+    if _is_glob(text) or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
         return shard_input(text, split, references)
     videos = videos or cfg.data.videos
     if not videos:
