@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import time
@@ -48,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    # One local Ray for every step: training's workers plus a CPU for Ray Data, whatever this machine has.
-    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), log_to_driver=False)
+    from stgpt.training import init_local_ray, local_ray_cpus
+
+    # One local Ray for every step, as jobs/train.py starts it (training's workers plus a CPU for Ray Data).
+    init_local_ray(num_cpus=local_ray_cpus(cfg), log_to_driver=False)
     try:
         report = run_demo(cfg)
     finally:

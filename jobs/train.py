@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/train.py` from a checkout
 
 from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
-from stgpt.training import init_local_ray, prepare_synthetic_shards, run_training, synthetic_accuracy  # noqa: E402
+from stgpt.training import (init_local_ray, local_ray_cpus, prepare_synthetic_shards, run_training,  # noqa: E402
+                            synthetic_accuracy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:  # local: leave Ray Data at least one CPU beside the training workers
-            needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-            init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+            init_local_ray(num_cpus=local_ray_cpus(cfg))
     synthetic = cfg.data.annotations is None
     if synthetic:
         prepare_synthetic_shards(cfg)

@@ -816,6 +816,11 @@ def export_checkpoint(checkpoint, destination: Path) -> Path:
     return destination
 
 
+def local_ray_cpus(cfg: Config) -> int:
+    """CPUs for a local Ray that trains as `cfg` says: the workers' plus one for Ray Data, or the machine's."""
+    return max(os.cpu_count() or 1, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + 1))
+
+
 def init_local_ray(num_cpus: int, **kwargs) -> None:
     """Start a private local Ray whose dashboard is on a free port, and point Ray's state API at it.
 
