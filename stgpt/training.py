@@ -549,12 +549,9 @@ class Logger:
 
     def write_epoch(self, metrics: dict, step: int) -> None:
         self._write("epoch", metrics, step)
-        if self.rank == 0:
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[train] {shown}", flush=True)
-            if self.progress_file is not None:
-                with open(self.progress_file, "a", encoding="utf-8") as out:
-                    out.write(json.dumps(metrics) + "\n")
+        if self.progress_file is not None:  # the driver shows it (EpochProgress)
+            with open(self.progress_file, "a", encoding="utf-8") as out:
+                out.write(json.dumps(metrics) + "\n")
 
     def _write(self, prefix: str, metrics: dict, step: int) -> None:
         if self.writer is None:
