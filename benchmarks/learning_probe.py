@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stgpt.synthetic as synthetic  # noqa: E402
 from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
 from stgpt.model import build_model, generate_captions, tokenize_captions  # noqa: E402
+from stgpt.training import make_optimizer, make_scheduler  # noqa: E402
 from stgpt.transforms import resize_and_crop, to_pixel_values  # noqa: E402
+from stgpt.video import sample_indices  # noqa: E402
+
+RENDERED_FRAMES = 32  # frames `make_synthetic_dataset` renders per video
 
 
 def sincos(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -80,10 +83,10 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else cfg.train.warmup_ratio
 
     plan = synthetic.plan_dataset({"train": args.videos, "test": 128}, seed=cfg.data.synthetic_seed)
-    index = np.linspace(0, 32, cfg.video.num_frames, endpoint=False).astype(int)  # 32 rendered frames per video
+    index = sample_indices(RENDERED_FRAMES, cfg.video.num_frames)
 
     def frames(specs):
-        return torch.stack([resize_and_crop(synthetic.render_video(s)[index], cfg.video.short_side, cfg.video.crop_size)
+        return torch.stack([resize_and_crop(synthetic.render_video(s, num_frames=RENDERED_FRAMES)[index], cfg.video.short_side, cfg.video.crop_size)
                             for s in specs])
 
     train, test = frames(plan["train"]), frames(plan["test"])
@@ -92,10 +95,8 @@ def main() -> None:
     model = bundle.model.train()
     init_embeddings(model, args.embeddings)
     steps = args.samples // args.batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    warm = max(1, int(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    optimizer = make_optimizer(model, lr, cfg.train.weight_decay)
+    schedule = make_scheduler(optimizer, steps, warmup)
     truth = {spec.video_id: spec.annotation()["attributes"] for spec in plan["test"]}
 
     def evaluate(step: int) -> dict:
