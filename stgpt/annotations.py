@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm")  # preferred first when an ID has both
+# Every container the reader decodes (stgpt/video.py), matched in any case. When one ID has several files, the
+# first extension here wins: the common web formats first (what yt-dlp writes), then the legacy ones.
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".mpg", ".mpeg", ".ts",
+                                     ".flv", ".gif")
+MISSING_VIDEO = f"video file not found (looked for {', '.join(VIDEO_EXTENSIONS)})"
 
 
 class AnnotationError(ValueError):
@@ -147,9 +151,10 @@ def save_predictions(predictions: Mapping[str, str], path: str | os.PathLike) ->
 def find_videos(
     video_ids: Iterable[str], folder: str | os.PathLike, filesystem: Any = None
 ) -> tuple[dict[str, str], list[str]]:
-    """Map video IDs to ``<id>.mp4`` / ``<id>.webm`` files in `folder`: (found, missing).
+    """Map video IDs to ``<id><extension>`` files in `folder`: (found, missing).
 
-    IDs match file names exactly; the extension in any case (``.MP4``); ``.mp4`` wins over ``.webm``.
+    IDs match file names exactly; the extension is any of `VIDEO_EXTENSIONS`, in any case (``.MP4``); when an ID
+    has several files, the one whose extension comes first there wins (``.mp4`` over ``.webm`` over ``.mkv``).
 
     The folder is listed once (no per-file stat), so this is cheap on object stores. `folder` is a local path
     or a URI (``s3://bucket/videos``, ``gs://...``, ``file:///...``) opened with

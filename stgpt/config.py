@@ -33,6 +33,7 @@ class VideoConfig:
     crop_size: int = 224
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    decoder: str = "pyav"  # or "decord" (optional extra; inexact on B-frames, MPEG-1/2, no AV1): see stgpt/video.py
 
 
 @dataclass

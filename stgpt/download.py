@@ -142,7 +142,7 @@ def _produced_file(staging: str, video_id: str) -> str | None:
     """The finished clip yt-dlp left in `staging` (not a .part or fragment), if any."""
     for name in sorted(os.listdir(staging)):
         stem, extension = os.path.splitext(name)
-        if stem == video_id and extension.lower() in (*VIDEO_EXTENSIONS, ".mkv"):
+        if stem == video_id and extension.lower() in VIDEO_EXTENSIONS:
             return os.path.join(staging, name)
     return None
 

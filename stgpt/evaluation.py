@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from stgpt.annotations import VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
+from stgpt.annotations import MISSING_VIDEO, VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
 from stgpt.model import ensure_tiny_checkpoint
 from stgpt.training import BEST_DIR
@@ -125,8 +125,7 @@ def video_input(annotations: str | os.PathLike, videos: str | os.PathLike,
     """Raw videos: one row per annotated video with a file in `videos`; the others are errors already."""
     entries = load_annotations(annotations)
     found, missing = find_videos([a.video_id for a in entries], videos)
-    errors = [_error(v, f"{os.fspath(videos).rstrip('/')}/{v}.mp4", "video file not found (looked for .mp4 and "
-                     ".webm)", "find") for v in missing]
+    errors = [_error(v, f"{os.fspath(videos).rstrip('/')}/{v}.mp4", MISSING_VIDEO, "find") for v in missing]
     inputs = EvalInput("videos", os.fspath(annotations), [a.video_id for a in entries if a.video_id in found],
                        {a.video_id: list(a.captions) for a in entries}, video_paths=found,
                        attributes=_attributes(entries), errors=errors)
@@ -224,14 +223,14 @@ class CaptionActor:
         """uint8 `(T, crop, crop, 3)` frames of row i, resized and cropped as the model expects."""
         from stgpt.shards import row_frames
         from stgpt.transforms import resize_and_crop
-        from stgpt.video import read_video
+        from stgpt.video import sample_video
 
         video = self.captioner.video
         if "frames" in batch:
             frames = row_frames({key: batch[key][i] for key in SHARD_COLUMNS}, video.num_frames)
         else:
             path = str(batch["path"][i])
-            frames = read_video(_read_source(path), video.num_frames, name=path).frames
+            frames = sample_video(_read_source(path), video, name=path).frames
         if frames.shape[1:3] != (video.crop_size, video.crop_size):
             frames = resize_and_crop(frames, video.short_side, video.crop_size).numpy()
         return frames

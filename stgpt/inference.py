@@ -11,7 +11,7 @@ import torch
 from stgpt.device import autocast, pick_device, resolve_precision
 from stgpt.model import CaptionModel, generate_captions, load_checkpoint
 from stgpt.transforms import to_pixel_values
-from stgpt.video import VideoSource, read_video
+from stgpt.video import VideoSource, sample_video
 
 
 @dataclass
@@ -47,6 +47,6 @@ class Captioner:
 
     def caption_video(self, source: VideoSource, name: str | None = None, **generation) -> Caption:
         """Decode, sample and caption one video (a path or bytes)."""
-        sampled = read_video(source, self.video.num_frames, name=name)
+        sampled = sample_video(source, self.video, name=name)
         text = self.caption_frames(sampled.frames[None], **generation)[0]
         return Caption(text, sampled.indices.tolist(), sampled.num_source_frames)

@@ -75,7 +75,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stgpt.annotations import find_videos, load_annotations
+from stgpt.annotations import MISSING_VIDEO, find_videos, load_annotations
 from stgpt.config import Config, PreprocessConfig, VideoConfig
 from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_file_name
 
@@ -324,9 +324,9 @@ def preprocess_video(source: str, video: VideoConfig, encoding: str = "jpeg", jp
     Raises `VideoDecodeError` (with the reason) for any file that is not a usable video.
     """
     from stgpt.transforms import resize_and_crop
-    from stgpt.video import read_video
+    from stgpt.video import sample_video
 
-    sampled = read_video(_read_source(source), video.num_frames, name=name or source)
+    sampled = sample_video(_read_source(source), video, name=name or source)
     frames = resize_and_crop(sampled.frames, video.short_side, video.crop_size).numpy()
     return {
         "frames": encode_frames(frames, encoding, jpeg_quality),
@@ -391,7 +391,7 @@ class PiecePreprocessor:
         for video_id, path, captions in zip(piece.video_ids, piece.paths, piece.captions):
             if path is None:
                 errors.append(_error(piece, video_id, f"{piece.videos.rstrip('/')}/{video_id}.mp4",
-                                     "video file not found (looked for .mp4 and .webm)"))
+                                     MISSING_VIDEO))
                 continue
             try:
                 row = decode(path, self.video, self.encoding, self.jpeg_quality, name=path)

@@ -335,10 +335,10 @@ class CaptionDeployment:
     def _prepare(self, data: bytes) -> tuple[torch.Tensor, list[int], int]:
         """Decode and preprocess, as `Captioner.caption_video` does (runs in the decode pool)."""
         from stgpt.transforms import to_pixel_values
-        from stgpt.video import read_video
+        from stgpt.video import sample_video
 
         try:
-            sampled = read_video(data, self.captioner.video.num_frames, name="upload")
+            sampled = sample_video(data, self.captioner.video, name="upload")
         except VideoDecodeError as exc:
             raise RequestError(422, "invalid_video", f"cannot decode the upload: {exc.reason}") from None
         limit = self.settings.max_video_seconds

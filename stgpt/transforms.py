@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from stgpt.config import VideoConfig
+from stgpt.video import resized_shape  # one rule for the decoder's scaling and this resize
 
 Frames = Union[np.ndarray, torch.Tensor]
-
-
-def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Output (height, width) when the shortest edge becomes `short_side`, truncating as transformers does."""
-    if height <= width:
-        return short_side, int(short_side * width / height)
-    return int(short_side * height / width), short_side
 
 
 def resize_and_crop(frames: Frames, short_side: int = 224, crop_size: int = 224) -> torch.Tensor:

@@ -1,38 +1,47 @@
-"""Video decoding and SpaceTimeGPT's frame sampling.
+"""Video decoding and SpaceTimeGPT's frame sampling: `read_video(source, num_frames)`, exact by default.
 
-A video is opened with decord from a path or from bytes, `num_frames` indices are sampled evenly with the rule the
-original code used (`np.linspace(0, n, num_frames, endpoint=False)`), and those frames come back as a uint8 RGB
-array `(num_frames, H, W, 3)`.
+The frames returned are, bit for bit before scaling, the frames a full sequential decode of the stream FFmpeg
+picks (`best`) yields at the indices `np.linspace(0, n, num_frames, endpoint=False)`, upright as a player shows
+them (rotation metadata applied). `n` counts frames the way a decoder outputs them: in presentation order,
+packets flagged discard (edit lists) not counted.
 
-Frame counts. The original decoded every frame twice to count them because container metadata is often wrong.
-decord builds its frame index by demuxing the packets (no decoding), which is exact for every frame the file
-still holds, so `len(reader)` is the count we sample from. Two ways it can still be wrong are handled:
-- a file cut short after its header: the container declares a duration the packets no longer cover. We compare
-  the last frame's end time with the declared duration and reject the file as truncated;
-- packets that demux but do not decode: the batch read fails, so we count the frames that really decode (a
-  sequential PyAV pass, only on this rare path: decord is not deterministic after a decoding error) and sample
-  again within them. An index past the real end is never read, and no damaged frame is returned.
+Why PyAV: its wheels carry FFmpeg 8 on every platform (AV1 included), and it gives packet flags and timestamps,
+so an exact sampler is a few lines: demux once (no decoding) to index the frames by presentation timestamp,
+then for each group of targets seek to the keyframe before it, decode up to its last target (skipping
+non-reference frames that are not targets) and check every decoded frame's timestamp against the index. Where
+the index cannot be trusted (missing or repeated timestamps, reordering the timestamps do not show, damaged
+packets) it decodes sequentially instead. decord (`decoder="decord"`, an optional extra) is faster to open but
+inexact on B-frames, MPEG-1 and discard-flagged packets; see the README. Measurements: benchmarks/RESULTS.md.
 
 Every failure raises `VideoDecodeError`, which names the video and the reason.
 """
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
-import av  # before decord: decord's bundled libvpx, loaded first, breaks PyAV's VP8/VP9 encoders
-import decord
+import av
 import numpy as np
 
+from stgpt.config import VideoConfig
+
 VideoSource = Union[str, os.PathLike, bytes]
+DECODERS = ("pyav", "decord")
 
 # A file whose decodable frames end before this fraction of its declared duration (and more than
 # TRUNCATION_MIN_GAP_S seconds early) is reported as truncated. Audio tracks can outlast the video a little.
 TRUNCATION_FRACTION = 0.8
 TRUNCATION_MIN_GAP_S = 1.0
+# Containers whose seeks are approximate and whose parser interpolates other timestamps after one (MPEG program
+# streams): decoded sequentially, which is exact.
+SEQUENTIAL_FORMATS = frozenset({"mpeg"})
+# Scaling filter used when `short_side` is given (swscale's bilinear widens its kernel when downscaling).
+INTERPOLATION = "BILINEAR"
 
 
 class VideoDecodeError(Exception):
@@ -48,10 +57,11 @@ class VideoDecodeError(Exception):
 class SampledVideo:
     """Frames sampled from one video, with where they came from."""
 
-    frames: np.ndarray  # uint8 (num_frames, H, W, 3), RGB
+    frames: np.ndarray  # uint8 (num_frames, H, W, 3), RGB, upright
     indices: np.ndarray  # int64 (num_frames,), indices into the decodable frames
     num_source_frames: int  # decodable frames in the video
     fps: float
+    frames_decoded: int = 0  # how many frames the decoder produced to get them (a cost measure)
 
 
 def sample_indices(num_source_frames: int, num_frames: int = 8) -> np.ndarray:
@@ -61,6 +71,13 @@ def sample_indices(num_source_frames: int, num_frames: int = 8) -> np.ndarray:
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     return np.linspace(0, num_source_frames, num_frames, endpoint=False).astype(np.int64)
+
+
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Output (height, width) when the shortest edge becomes `short_side`, truncating as transformers does."""
+    if height <= width:
+        return short_side, int(short_side * width / height)
+    return int(short_side * height / width), short_side
 
 
 def describe_source(source: VideoSource) -> str:
@@ -77,150 +94,309 @@ def read_video(
     name: str | None = None,
     short_side: int | None = None,
     num_threads: int = 1,
+    decoder: str = "pyav",
 ) -> SampledVideo:
     """Decode `num_frames` evenly sampled frames of a video given as a path or as bytes.
 
-    `short_side` asks the decoder to scale frames so their shorter edge has that length (aspect kept), which is
-    much cheaper than decoding full-size frames and resizing afterwards. `name` overrides the name used in errors
-    (useful for bytes). Raises `VideoDecodeError` for every kind of bad input.
+    `short_side` scales frames in the decoder's colour conversion so their shorter edge has that length (aspect
+    kept, sizes as `resized_shape`). `name` overrides the name used in errors (useful for bytes). `decoder` is
+    "pyav" (exact) or "decord". Raises `VideoDecodeError` for every kind of bad input.
     """
     label = name or describe_source(source)
-    data = _read_bytes(source, label)
-    declared_duration, width, height = _probe_container(data, label)
+    if decoder not in DECODERS:
+        raise ValueError(f"video decoder must be one of {DECODERS}, got {decoder!r}")
+    source = _checked_source(source, label)
+    if decoder == "decord":
+        from stgpt import video_decord  # optional dependency, imported only when asked for
 
-    size_kwargs = {}
-    if short_side is not None:
-        size_kwargs = _scaled_size(width, height, short_side)
-    reader = _open_reader(data, label, num_threads, size_kwargs)
-
-    num_source = len(reader)
-    if num_source == 0:
-        raise VideoDecodeError(label, "no decodable frames")
-    fps = float(reader.get_avg_fps() or 0.0)
-    _check_not_truncated(reader, num_source, declared_duration, label)
-
-    indices = sample_indices(num_source, num_frames)
-    try:
-        frames = reader.get_batch(indices.tolist()).asnumpy()
-    except Exception:
-        # Packets that demux but do not decode. decord is not reliable after a decoding error, so PyAV decodes
-        # sequentially (deterministic): once to count the frames that really decode, once to take the samples.
-        num_source = _count_decodable(data)
-        if num_source == 0:
-            raise VideoDecodeError(label, "no decodable frames") from None
-        indices = sample_indices(num_source, num_frames)
-        frames = _decode_sequentially(data, indices, size_kwargs)
-
-    if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
-        raise VideoDecodeError(label, f"decoder returned frames of unexpected shape {frames.shape}")
-    return SampledVideo(frames=np.ascontiguousarray(frames, dtype=np.uint8), indices=indices,
-                        num_source_frames=num_source, fps=fps)
+        return video_decord.read_video(source, num_frames, label, short_side, num_threads)
+    return _PyAVReader(source, label, short_side, num_threads).sample(num_frames)
 
 
-def _read_bytes(source: VideoSource, label: str) -> bytes:
+def sample_video(source: VideoSource, video: VideoConfig, name: str | None = None) -> SampledVideo:
+    """`read_video` with a config's settings: its frame count, its decoder, scaled to its short side on decode.
+
+    Every path that turns a video into model input (preprocessing, evaluation, serving, captioning) reads
+    through here, so the frames a model trains on and the frames it is served are scaled the same way.
+    """
+    return read_video(source, video.num_frames, name=name, short_side=video.short_side, decoder=video.decoder)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The PyAV reader.
+
+
+@dataclass
+class _Packet:
+    pts: int | None
+    dts: int | None
+    keyframe: bool
+    discard: bool
+    disposable: bool
+
+
+class _Untrusted(Exception):
+    """The packet index does not describe what the decoder outputs: decode sequentially instead."""
+
+
+class _PyAVReader:
+    def __init__(self, source: str | bytes, label: str, short_side: int | None, num_threads: int):
+        self.source, self.label, self.short_side, self.num_threads = source, label, short_side, num_threads
+        self.decoded = 0
+        self.fresh = True  # nothing demuxed yet from the open container: no seek needed for the start
+        with self._open() as container:
+            stream = self._best_stream(container)
+            self.fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+            self.declared = _declared_duration(container, stream)
+            self.time_base = stream.time_base
+            self.start = stream.start_time
+            self.packets, self.trusted, self.last_end = self._index(container, stream)
+            self.trusted = self.trusted and container.format.name not in SEQUENTIAL_FORMATS
+        self.shown = [p.pts for p in self.packets if not p.discard]  # presentation order, if trusted
+        if self.trusted:
+            self.shown.sort()
+            self.trusted = len(set(self.shown)) == len(self.shown)
+        self.position = {p.pts: i for i, p in enumerate(self.packets)}  # pts -> place in decode order
+
+    # ---- opening and indexing
+
+    def _open(self):
+        target = io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source
+        try:
+            return av.open(target, mode="r")
+        except Exception as exc:
+            raise VideoDecodeError(self.label, f"{_guess_damage(self._head())} ({_short_message(exc)})") from None
+
+    def _head(self) -> bytes:
+        if isinstance(self.source, bytes):
+            return self.source[:16]
+        with open(self.source, "rb") as handle:
+            return handle.read(16)
+
+    def _best_stream(self, container):
+        stream = container.streams.best("video")
+        if stream is None:
+            raise VideoDecodeError(self.label, "no video stream (not a video, or audio only)")
+        for other in container.streams:
+            if other is not stream:
+                other.discard = av.stream.Discard.all  # demux only the stream we decode
+        return stream
+
+    def _index(self, container, stream) -> tuple[list[_Packet], bool, float | None]:
+        """Every packet of the stream in decode order (no decoding); whether their timestamps can be trusted."""
+        packets: list[_Packet] = []
+        trusted, last_end = True, None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                packets.append(_Packet(packet.pts, packet.dts, packet.is_keyframe, packet.is_discard,
+                                       packet.is_disposable))
+                if packet.pts is None or packet.is_corrupt:
+                    trusted = False
+                elif not packet.is_discard and packet.time_base is not None:
+                    end = float((packet.pts + (packet.duration or 0) - (self.start or 0)) * packet.time_base)
+                    last_end = end if last_end is None else max(last_end, end)
+        except av.error.FFmpegError:
+            trusted = False  # damaged packets: what decodes is counted by decoding
+        if packets and trusted and not any(p.keyframe for p in packets):
+            trusted = False
+        return packets, trusted, last_end
+
+    # ---- sampling
+
+    def sample(self, num_frames: int) -> SampledVideo:
+        self._check_not_truncated()
+        if self.trusted and self.shown:
+            indices = sample_indices(len(self.shown), num_frames)
+            try:
+                frames = self._decode_targets(indices)
+                return self._result(frames, indices, len(self.shown))
+            except _Untrusted:
+                pass
+        return self._sample_sequentially(num_frames)
+
+    def _decode_targets(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+        """For each group of targets: seek to its keyframe, decode up to its last target, drain the decoder."""
+        keyframes = sorted((p.pts, i) for i, p in enumerate(self.packets) if p.keyframe)
+        key_pts = [pts for pts, _ in keyframes]
+        groups: dict[int, list[int]] = {}
+        for target in sorted({int(self.shown[i]) for i in indices}):
+            # the last keyframe shown at or before the target (open-GOP leading frames come before theirs)
+            key = key_pts[max(0, bisect.bisect_right(key_pts, target) - 1)]
+            groups.setdefault(key, []).append(target)
+        got: dict[int, np.ndarray] = {}
+        with self._open() as container:
+            stream = self._best_stream(container)
+            context = self._configure(stream)
+            for key, targets in groups.items():
+                self._decode_group(container, stream, context, dict(keyframes)[key], set(targets), got)
+                if not all(t in got for t in targets):
+                    raise _Untrusted
+        return got
+
+    def _decode_group(self, container, stream, context, key_place: int, pending: set, got: dict) -> None:
+        packets = self._seek(container, stream, context, key_place)
+        wanted, last_pts = set(pending), None
+        for packet in packets:
+            if self.position.get(packet.pts) is None:
+                raise _Untrusted
+            needed = packet.pts in pending
+            if not needed and packet.is_disposable and not packet.is_discard:
+                continue  # a non-reference frame nobody asked for: not even sent to the decoder
+            context.skip_frame = "DEFAULT" if needed else "NONREF"
+            last_pts = self._decode_packet(context, packet, wanted, got, last_pts)
+            pending.discard(packet.pts)
+            if not pending:
+                break
+        context.skip_frame = "DEFAULT"
+        self._decode_packet(context, None, wanted, got, last_pts)  # drain: frames held back for reordering
+        self.fresh = False
+
+    def _seek(self, container, stream, context, key_place: int) -> Iterator:
+        """Packets from the keyframe at `key_place` (or one before it) on. Approximate seeks (MPEG program
+        streams) can land after it: then try from earlier keyframes, and at last from the start."""
+        earlier = [i for i, p in enumerate(self.packets[:key_place + 1]) if p.keyframe][::-1]
+        for attempt in [*earlier[:3], None]:
+            if attempt is None or not self.fresh:
+                if attempt is None:
+                    container.seek(0)  # the start (AV_TIME_BASE units, no stream)
+                else:
+                    key = self.packets[attempt]
+                    when = key.dts if key.dts is not None else key.pts  # dts <= pts: never after the key
+                    container.seek(when, backward=True, any_frame=False, stream=stream)
+                context.flush_buffers()
+            packets = (p for p in container.demux(stream) if p.size)
+            for packet in packets:
+                if packet.is_keyframe:  # skip to the first keyframe: an approximate seek resynchronises there
+                    break
+            else:
+                raise _Untrusted
+            place = self.position.get(packet.pts)
+            if place is not None and place <= key_place:
+                return itertools.chain([packet], packets)
+            self.fresh = False
+        raise _Untrusted
+
+    def _decode_packet(self, context, packet, wanted: set, got: dict, last_pts):
+        try:
+            frames = context.decode(packet)
+        except av.error.FFmpegError:
+            raise _Untrusted from None  # damaged: count what decodes, sequentially
+        for frame in frames:
+            self.decoded += 1
+            if frame.pts is None or frame.pts not in self.position or (last_pts is not None and frame.pts <= last_pts):
+                raise _Untrusted  # frames out of order, or not the ones the index knows
+            last_pts = frame.pts
+            if frame.pts in wanted:
+                got[frame.pts] = self._to_rgb(frame)
+        if context.has_b_frames and all(p.pts == p.dts for p in self.packets):
+            raise _Untrusted  # the decoder reorders but the container's timestamps do not say how (AVI)
+        return last_pts
+
+    def _sample_sequentially(self, num_frames: int) -> SampledVideo:
+        """Decode every frame in order; the count is what decodes before the first error."""
+        guess = len([p for p in self.packets if not p.discard]) or 1
+        indices = sample_indices(guess, num_frames)
+        count, taken = self._sequential_pass(indices)
+        if count == 0:
+            raise VideoDecodeError(self.label, "no decodable frames")
+        if count != guess:  # the packets did not tell the count: a second pass with the real one
+            indices = sample_indices(count, num_frames)
+            count, taken = self._sequential_pass(indices)
+        return self._result({int(i): taken[int(i)] for i in indices}, indices, count, by_position=True)
+
+    def _sequential_pass(self, indices: np.ndarray) -> tuple[int, dict[int, np.ndarray]]:
+        wanted, taken, count = set(int(i) for i in indices), {}, 0
+        with self._open() as container:
+            stream = self._best_stream(container)
+            self._configure(stream)
+            try:
+                for frame in container.decode(stream):
+                    self.decoded += 1
+                    if count in wanted:
+                        taken[count] = self._to_rgb(frame)
+                    count += 1
+            except av.error.FFmpegError:
+                pass
+        return count, taken
+
+    # ---- helpers
+
+    def _configure(self, stream):
+        context = stream.codec_context
+        context.thread_count = max(1, self.num_threads)
+        context.thread_type = "SLICE" if self.num_threads > 1 else "NONE"  # frame threads would delay skip_frame
+        return context
+
+    def _to_rgb(self, frame) -> np.ndarray:
+        """RGB, scaled in the same conversion call, then turned upright as the display matrix says."""
+        turns = int(round((frame.rotation or 0) / 90.0)) % 4  # counter-clockwise quarter turns
+        kwargs = {}
+        if self.short_side is not None:
+            sideways = turns % 2 == 1
+            upright_h, upright_w = (frame.width, frame.height) if sideways else (frame.height, frame.width)
+            height, width = resized_shape(upright_h, upright_w, self.short_side)
+            if sideways:
+                height, width = width, height
+            kwargs = {"width": width, "height": height, "interpolation": INTERPOLATION}
+        array = frame.to_ndarray(format="rgb24", **kwargs)
+        return np.rot90(array, k=turns) if turns else array
+
+    def _result(self, frames: dict, indices: np.ndarray, count: int, by_position: bool = False) -> SampledVideo:
+        keys = [int(i) if by_position else int(self.shown[i]) for i in indices]
+        stacked = np.stack([frames[k] for k in keys])
+        return SampledVideo(frames=np.ascontiguousarray(stacked, dtype=np.uint8), indices=indices,
+                            num_source_frames=count, fps=self.fps, frames_decoded=self.decoded)
+
+    def _check_not_truncated(self) -> None:
+        """A file cut short after its header: the packets end well before the duration it declares."""
+        declared, end = self.declared, self.last_end
+        if not declared or declared <= 0 or end is None:
+            return
+        if end < TRUNCATION_FRACTION * declared and declared - end > TRUNCATION_MIN_GAP_S:
+            raise VideoDecodeError(
+                self.label, f"truncated: frames end at {end:.2f}s but the container declares {declared:.2f}s")
+
+
+def _checked_source(source: VideoSource, label: str) -> str | bytes:
+    """Bytes as they are; a path checked to be a non-empty regular file (opened by the decoder, not read here)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise VideoDecodeError(label, "file not found")
-        if not path.is_file():
-            raise VideoDecodeError(label, "not a regular file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise VideoDecodeError(label, f"cannot read file ({exc.strerror})") from None
-    if not data:
+        if not data:
+            raise VideoDecodeError(label, "empty file (0 bytes)")
+        return data
+    path = Path(source)
+    if not path.exists():
+        raise VideoDecodeError(label, "file not found")
+    if not path.is_file():
+        raise VideoDecodeError(label, "not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise VideoDecodeError(label, f"cannot read file ({exc.strerror})") from None
+    if size == 0:
         raise VideoDecodeError(label, "empty file (0 bytes)")
-    return data
+    return os.fspath(path)
 
 
-def _probe_container(data: bytes, label: str) -> tuple[float | None, int, int]:
-    """Read the container header: the declared duration in seconds (None if absent) and the frame size."""
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise VideoDecodeError(label, "no video stream (not a video, or audio only)")
-            stream = container.streams.video[0]
-            duration = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / 1_000_000
-            return duration, int(stream.codec_context.width), int(stream.codec_context.height)
-    except VideoDecodeError:
-        raise
-    except Exception as exc:
-        raise VideoDecodeError(label, f"{_guess_damage(data)} ({_short_message(exc)})") from None
+def _declared_duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
 
 
-def _open_reader(data: bytes, label: str, num_threads: int, size_kwargs: dict):
-    try:
-        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads, **size_kwargs)
-    except Exception as exc:
-        if "av_read_frame" in str(exc):
-            reason = "truncated or corrupt video (the decoder could not index its frames)"
-        elif _count_decodable(data) == 0:
-            reason = "no decodable frames"
-        else:
-            reason = f"cannot open video ({_short_message(exc)})"
-        raise VideoDecodeError(label, reason) from None
-
-
-def _check_not_truncated(reader, num_source: int, declared: float | None, label: str) -> None:
-    if not declared or declared <= 0:
-        return
-    try:
-        end = float(reader.get_frame_timestamp(num_source - 1)[1])
-    except Exception:
-        return
-    if end < TRUNCATION_FRACTION * declared and declared - end > TRUNCATION_MIN_GAP_S:
-        raise VideoDecodeError(
-            label, f"truncated: frames end at {end:.2f}s but the container declares {declared:.2f}s"
-        )
-
-
-def _sequential_frames(data: bytes):
-    """Yield decoded frames in order until the first one that fails to decode."""
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "NONE"
-        try:
-            yield from container.decode(stream)
-        except av.error.FFmpegError:
-            return
-
-
-def _count_decodable(data: bytes) -> int:
-    return sum(1 for _ in _sequential_frames(data))
-
-
-def _decode_sequentially(data: bytes, indices: np.ndarray, size_kwargs: dict) -> np.ndarray:
-    wanted = np.bincount(indices, minlength=int(indices.max()) + 1)  # how often each index is sampled
-    frames = []
-    for position, frame in enumerate(_sequential_frames(data)):
-        if position >= len(wanted):
-            break
-        if wanted[position]:
-            array = frame.to_ndarray(format="rgb24", **size_kwargs)
-            frames.extend([array] * int(wanted[position]))
-    return np.stack(frames)
-
-
-def _guess_damage(data: bytes) -> str:
+def _guess_damage(head: bytes) -> str:
     """Why a file that the demuxer rejects is unreadable, judged by its leading bytes."""
-    if data[4:8] == b"ftyp":
+    if head[4:8] == b"ftyp":
         return "truncated or corrupt MP4 (the container's index is missing or damaged)"
-    if data[:4] == b"\x1aE\xdf\xa3":
+    if head[:4] == b"\x1aE\xdf\xa3":
         return "truncated or corrupt WebM/Matroska container"
     return "not a video: unrecognised container format"
-
-
-def _scaled_size(width: int, height: int, short_side: int) -> dict:
-    if width <= 0 or height <= 0:
-        return {}
-    scale = short_side / min(width, height)
-    return {"width": max(1, round(width * scale)), "height": max(1, round(height * scale))}
 
 
 def _short_message(exc: BaseException) -> str:

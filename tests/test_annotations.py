@@ -346,3 +346,23 @@ def test_remote_paths_come_back_as_uris_that_pyarrow_reopens():
     assert with_query == "s3://bucket/videos/v.webm?region=eu-west-1"
     filesystem, path = pafs.FileSystem.from_uri(with_query)
     assert path == "bucket/videos/v.webm" and filesystem.region == "eu-west-1"
+
+
+def test_find_videos_knows_every_container_the_reader_decodes(tmp_path):
+    """.mkv (what yt-dlp often writes), .avi, .mpg, .gif ... are found, in any case, one file per ID."""
+    from stgpt.annotations import VIDEO_EXTENSIONS
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, extension in enumerate(VIDEO_EXTENSIONS):
+        (folder / f"v{i}{extension.upper() if i % 2 else extension}").write_bytes(b"x")
+    # an ID with several files: the extension listed first wins, whatever order the folder lists them in
+    for extension in reversed(VIDEO_EXTENSIONS):
+        (folder / f"many{extension}").write_bytes(b"x")
+    ids = [f"v{i}" for i in range(len(VIDEO_EXTENSIONS))] + ["many"]
+    found, missing = find_videos(ids, folder)
+    assert missing == []
+    for i, extension in enumerate(VIDEO_EXTENSIONS):
+        assert found[f"v{i}"].lower() == str(folder / f"v{i}{extension}").lower()
+    assert found["many"] == str(folder / f"many{VIDEO_EXTENSIONS[0]}")
+    assert {".mkv", ".avi", ".mpg", ".gif", ".mov", ".ts", ".flv", ".m4v"} <= set(VIDEO_EXTENSIONS)

@@ -77,8 +77,25 @@ def setup(tmp_path):
                      annotations)
     videos = tmp_path / "videos"
     videos.mkdir()
-    (videos / f"{IDS['alreadyHere']}.mp4").write_bytes(clip_path.read_bytes())
+    # already there as .mkv (what yt-dlp writes for some formats): found, never downloaded again
+    (videos / f"{IDS['alreadyHere']}.mkv").write_bytes(_as_mkv(clip_path))
     return {"script": script, "tool": tool, "annotations": annotations, "videos": videos, "clip": clip_path}
+
+
+def _as_mkv(clip: Path) -> bytes:
+    """The same clip remuxed into Matroska (no re-encoding)."""
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(str(clip)) as source, av.open(buffer, "w", format="matroska") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return buffer.getvalue()
 
 
 def calls(tool: Path) -> list[dict]:
@@ -112,9 +129,10 @@ def test_download_job_skips_records_and_retries(ray_cluster, setup, capsys):
 
     names = sorted(p.name for p in setup["videos"].iterdir())
     expected = {IDS[y] for y in ("Ab_cd-Ef_12", "plainIdAAAA", "flaky_flaky", "alreadyHere")}
-    assert names == sorted([f"{v}.mp4" for v in expected] + ["failed.jsonl", "unavailable.jsonl"])  # no partials
+    suffix = {v: ".mkv" if v == IDS["alreadyHere"] else ".mp4" for v in expected}
+    assert names == sorted([v + suffix[v] for v in expected] + ["failed.jsonl", "unavailable.jsonl"])  # no partials
     for video_id in expected:  # whole, decodable clips
-        assert read_video(setup["videos"] / f"{video_id}.mp4", 8).num_source_frames == 12
+        assert read_video(setup["videos"] / f"{video_id}{suffix[video_id]}", 8).num_source_frames == 12
 
     per_video = Counter(call["youtube_id"] for call in calls(setup["tool"]))
     assert per_video == {"Ab_cd-Ef_12": 1, "plainIdAAAA": 1, "removed-vid": 1, "flaky_flaky": 3, "downNetwork": 3}

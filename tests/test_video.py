@@ -145,3 +145,99 @@ def test_zero_decodable_frames(make_video, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(VideoDecodeError, match="no decodable frames"):
         read_video(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exactness on a generated corpus: every container, codec, bit depth and quirk the reader must handle.
+
+from video_corpus import CASES, picture, sequential_frames, upright, write_case  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return {name: write_case(folder / name, case) for name, case in CASES.items()}
+
+
+@pytest.fixture(scope="session")
+def truth(corpus):
+    return {name: sequential_frames(path) for name, path in corpus.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("num_frames", [8, 13])
+def test_frames_equal_a_full_sequential_decode(corpus, truth, name, num_frames):
+    """Bit for bit, the frames a full decode of FFmpeg's best stream yields at the sampled indices."""
+    expected = truth[name]
+    video = read_video(corpus[name], num_frames)
+    assert video.num_source_frames == len(expected)
+    assert video.indices.tolist() == sample_indices(len(expected), num_frames).tolist()
+    for frame, index in zip(video.frames, video.indices):
+        assert np.array_equal(frame, expected[index]), f"{name}: frame {index} differs"
+
+
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "rotate90.mp4", "hevc_10bit.mkv"])
+def test_scaling_in_the_conversion_call_is_exact_too(corpus, name):
+    import av
+
+    video = read_video(corpus[name], 8, short_side=40)
+    assert min(video.frames.shape[1:3]) == 40
+    with av.open(str(corpus[name])) as container:
+        frames = list(container.decode(container.streams.best("video")))
+    for got, index in zip(video.frames, video.indices):
+        frame = frames[index]
+        sideways = (round((frame.rotation or 0) / 90) % 2) == 1
+        height, width = got.shape[:2]
+        scale = {"width": height if sideways else width, "height": width if sideways else height,
+                 "interpolation": "BILINEAR"}
+        assert np.array_equal(got, upright(frame, **scale))
+
+
+@pytest.mark.parametrize("name, corner", [("rotate90.mp4", "bottom-left"), ("rotate180.mov", "bottom-right"),
+                                          ("rotate270.mp4", "top-right"), ("h264.mkv", "top-left")])
+def test_rotation_metadata_turns_frames_upright(corpus, name, corner):
+    """The white marker drawn top-left ends where a player shows it (-90 in the matrix: turn clockwise)."""
+    frame = read_video(corpus[name], 1).frames[0].astype(int)
+    height, width = frame.shape[:2]
+    corners = {"top-left": frame[:6, :6], "top-right": frame[:6, width - 6:],
+               "bottom-left": frame[height - 6:, :6], "bottom-right": frame[height - 6:, width - 6:]}
+    assert min(corners, key=lambda c: 255 - corners[c].mean()) == corner
+    case = CASES[name]
+    assert frame.shape[:2] == ((case.width, case.height) if case.rotation in (90, -90) else (case.height, case.width))
+
+
+def test_discarded_packets_are_not_counted(corpus, truth):
+    case = CASES["discard.mp4"]
+    assert len(truth["discard.mp4"]) == case.frames + case.first_pts  # the 7 frames before the edit are gone
+    video = read_video(corpus["discard.mp4"], 8)
+    assert video.num_source_frames == case.frames + case.first_pts
+    # frame 0 is the first frame shown: the picture drawn for pts 0, not for pts -7
+    drawn = picture(-case.first_pts, case.height, case.width).astype(int)
+    assert np.abs(video.frames[0].astype(int) - drawn).mean() < np.abs(video.frames[0].astype(int)
+                                                                      - picture(0, case.height, case.width)).mean()
+
+
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "hevc_bframes.mp4", "av1.mp4", "vp9.webm", "mpeg2.ts"])
+def test_only_what_the_targets_need_is_decoded(corpus, name):
+    """Seeking to the keyframe before each group of targets decodes well under the whole stream."""
+    video = read_video(corpus[name], 4)
+    assert 0 < video.frames_decoded < 0.8 * video.num_source_frames
+
+
+def test_mpeg_program_streams_and_avi_without_reorder_timestamps_decode_sequentially(corpus):
+    """Their timestamps cannot place a seek exactly: the whole stream is decoded, and the frames stay exact."""
+    for name in ("mpeg1.mpg", "h264.avi"):
+        video = read_video(corpus[name], 4)
+        assert video.frames_decoded >= video.num_source_frames
+
+
+def test_unknown_decoder_is_an_error(corpus):
+    with pytest.raises(ValueError, match="decoder"):
+        read_video(corpus["h264.mkv"], 8, decoder="opencv")
+
+
+def test_decord_stays_selectable(corpus, truth):
+    pytest.importorskip("decord", reason="decord is an optional extra (no wheels on ARM Linux or macOS)")
+    video = read_video(corpus["vp8.webm"], 8, decoder="decord")  # no B-frames: decord is exact here
+    assert video.indices.tolist() == sample_indices(len(truth["vp8.webm"]), 8).tolist()
+    assert video.frames.shape == (8, 64, 96, 3)
