@@ -1,8 +1,8 @@
 """Preprocessing: a folder of videos plus VATEX-format annotations in, Parquet shards out, with Ray Data.
 
-Each video is decoded on a Ray worker with the foundation's code (`stgpt.video.read_video`: decord, 8 evenly
-sampled frames, exact frame counts), resized and centre-cropped as the VideoMAE processor does
-(`stgpt.transforms.resize_and_crop`), and stored as one row of `stgpt.shards.SCHEMA`: video ID, the uint8
+Each video is decoded on a Ray worker with the foundation's code (`stgpt.video.sample_video`: the exact reader,
+8 evenly sampled frames scaled to the short side on decode, as every model-input path does), centre-cropped as
+the VideoMAE processor does (`stgpt.transforms.resize_and_crop`), and stored as one row of `stgpt.shards.SCHEMA`: video ID, the uint8
 frames, the frame indices, the real frame count and the captions. Nothing is normalised here; float pixel values
 are made on the training device from the uint8 frames.
 
@@ -43,13 +43,13 @@ Measured by benchmarks/preprocess_bench.py on 224x224 frames of 640x360 H.264 we
 | raw uint8                        | 147.0 | ~0            | ~0            | lossless   |
 | float32 pixel values (original)  | 588.0 | -             | -             | -          |
 
-Sampling, resizing and cropping a video costs ~175 ms of CPU, so JPEG adds ~2% to preprocessing (8 frames,
+Sampling, resizing and cropping a video costs ~100 ms of CPU, so JPEG adds ~3% to preprocessing (8 frames,
 3 ms) and saves 3.8x the disk and I/O of raw; training decodes 8 JPEGs in ~5 ms per video, far below a training
 step. Its loss, PSNR 40 dB, is an RMS error of 2.5 grey levels out of 255. Raw needs no codec at all and stays
 available (`frame_encoding=raw`) where CPU is scarcer than disk or bandwidth; PNG costs 14x JPEG's CPU to store
-2.6x its bytes. Decoding with decord's own scaling (`read_video(short_side=...)`) was not faster on such input
-(decoding dominates) and differs from the VideoMAE processor's antialiased resize by 3 grey levels on average,
-so frames are decoded at full size and resized in torch, as serving does.
+2.6x its bytes. Scaling in the decoder's colour conversion (swscale bilinear) costs 0.9 ms a frame against
+torch's antialiased resize of a full-size frame, and differs from it by ~4 grey levels on average; serving,
+evaluation and captioning read through the same call, so what the model is served matches what it trained on.
 """
 from __future__ import annotations
 

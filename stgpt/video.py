@@ -143,20 +143,23 @@ class _PyAVReader:
     def __init__(self, source: str | bytes, label: str, short_side: int | None, num_threads: int):
         self.source, self.label, self.short_side, self.num_threads = source, label, short_side, num_threads
         self.decoded = 0
-        self.fresh = True  # nothing demuxed yet from the open container: no seek needed for the start
-        with self._open() as container:
-            stream = self._best_stream(container)
+        self.container = container = self._open()  # indexed, then decoded from: sample() closes it
+        try:
+            self.stream = stream = self._best_stream(container)
             self.fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             self.declared = _declared_duration(container, stream)
-            self.time_base = stream.time_base
             self.start = stream.start_time
             self.packets, self.trusted, self.last_end = self._index(container, stream)
             self.trusted = self.trusted and container.format.name not in SEQUENTIAL_FORMATS
+        except BaseException:
+            container.close()
+            raise
         self.shown = [p.pts for p in self.packets if not p.discard]  # presentation order, if trusted
         if self.trusted:
             self.shown.sort()
             self.trusted = len(set(self.shown)) == len(self.shown)
         self.position = {p.pts: i for i, p in enumerate(self.packets)}  # pts -> place in decode order
+        self.timestamps_in_decode_order = all(p.pts == p.dts for p in self.packets)
 
     # ---- opening and indexing
 
@@ -206,14 +209,17 @@ class _PyAVReader:
     # ---- sampling
 
     def sample(self, num_frames: int) -> SampledVideo:
-        self._check_not_truncated()
-        if self.trusted and self.shown:
-            indices = sample_indices(len(self.shown), num_frames)
-            try:
-                frames = self._decode_targets(indices)
-                return self._result(frames, indices, len(self.shown))
-            except _Untrusted:
-                pass
+        try:
+            self._check_not_truncated()
+            if self.trusted and self.shown:
+                indices = sample_indices(len(self.shown), num_frames)
+                try:
+                    frames = self._decode_targets(indices)
+                    return self._result(frames, indices, len(self.shown))
+                except _Untrusted:
+                    pass
+        finally:
+            self.container.close()
         return self._sample_sequentially(num_frames)
 
     def _decode_targets(self, indices: np.ndarray) -> dict[int, np.ndarray]:
@@ -226,17 +232,15 @@ class _PyAVReader:
             key = key_pts[max(0, bisect.bisect_right(key_pts, target) - 1)]
             groups.setdefault(key, []).append(target)
         got: dict[int, np.ndarray] = {}
-        with self._open() as container:
-            stream = self._best_stream(container)
-            context = self._configure(stream)
-            for key, targets in groups.items():
-                self._decode_group(container, stream, context, dict(keyframes)[key], set(targets), got)
-                if not all(t in got for t in targets):
-                    raise _Untrusted
+        context = self._configure(self.stream)
+        for key, targets in groups.items():
+            self._decode_group(context, dict(keyframes)[key], set(targets), got)
+            if not all(t in got for t in targets):
+                raise _Untrusted
         return got
 
-    def _decode_group(self, container, stream, context, key_place: int, pending: set, got: dict) -> None:
-        packets = self._seek(container, stream, context, key_place)
+    def _decode_group(self, context, key_place: int, pending: set, got: dict) -> None:
+        packets = self._seek(context, key_place)
         wanted, last_pts = set(pending), None
         for packet in packets:
             if self.position.get(packet.pts) is None:
@@ -251,21 +255,19 @@ class _PyAVReader:
                 break
         context.skip_frame = "DEFAULT"
         self._decode_packet(context, None, wanted, got, last_pts)  # drain: frames held back for reordering
-        self.fresh = False
 
-    def _seek(self, container, stream, context, key_place: int) -> Iterator:
+    def _seek(self, context, key_place: int) -> Iterator:
         """Packets from the keyframe at `key_place` (or one before it) on. Approximate seeks (MPEG program
         streams) can land after it: then try from earlier keyframes, and at last from the start."""
         earlier = [i for i, p in enumerate(self.packets[:key_place + 1]) if p.keyframe][::-1]
+        container, stream = self.container, self.stream
         for attempt in [*earlier[:3], None]:
-            if attempt is None or not self.fresh:
-                if attempt is None:
-                    container.seek(0)  # the start (AV_TIME_BASE units, no stream)
-                else:
-                    key = self.packets[attempt]
-                    when = key.dts if key.dts is not None else key.pts  # dts <= pts: never after the key
-                    container.seek(when, backward=True, any_frame=False, stream=stream)
-                context.flush_buffers()
+            if attempt is None:
+                container.seek(0)  # the start (AV_TIME_BASE units, no stream)
+            else:
+                # backward from the key's own pts lands on it (demuxers that seek by dts: on it or before)
+                container.seek(self.packets[attempt].pts, backward=True, any_frame=False, stream=stream)
+            context.flush_buffers()
             packets = (p for p in container.demux(stream) if p.size)
             for packet in packets:
                 if packet.is_keyframe:  # skip to the first keyframe: an approximate seek resynchronises there
@@ -275,7 +277,6 @@ class _PyAVReader:
             place = self.position.get(packet.pts)
             if place is not None and place <= key_place:
                 return itertools.chain([packet], packets)
-            self.fresh = False
         raise _Untrusted
 
     def _decode_packet(self, context, packet, wanted: set, got: dict, last_pts):
@@ -290,7 +291,7 @@ class _PyAVReader:
             last_pts = frame.pts
             if frame.pts in wanted:
                 got[frame.pts] = self._to_rgb(frame)
-        if context.has_b_frames and all(p.pts == p.dts for p in self.packets):
+        if context.has_b_frames and self.timestamps_in_decode_order:
             raise _Untrusted  # the decoder reorders but the container's timestamps do not say how (AVI)
         return last_pts
 
