@@ -34,6 +34,15 @@ class VideoConfig:
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     decoder: str = "pyav"  # or "decord" (optional extra; inexact on B-frames, MPEG-1/2, no AV1): see stgpt/video.py
+    # What one video may cost to read (hostile input): checked from the header before decoding, while indexing and
+    # on every decoded frame; each refusal is a VideoDecodeError naming the limit.
+    max_pixels: int = 3840 * 2160  # per frame
+    max_aspect_ratio: float = 8.0  # long side over short side
+    max_frames: int = 216_000  # an hour at 60 fps
+    max_seconds: float = 3600.0  # measured from the frames' timestamps, not the header
+    decode_cpu_seconds: float = 60.0
+    decode_memory_mb: int = 4096  # address space an isolated decoder process may add (stgpt/isolation.py)
+    decode_timeout_s: float = 120.0  # wall clock, isolated decoders only: killed past it
 
 
 @dataclass
@@ -145,7 +154,8 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     max_beams: int = 16
     max_new_tokens_limit: int = 128
-    decode_threads: int = 2  # per replica: video decoding and preprocessing run off the event loop
+    decode_threads: int = 2  # per replica: decodes at once, each in its own child process (stgpt/isolation.py)
+    auth_token: Optional[str] = None  # bearer token for /caption; None: $STGPT_SERVE_TOKEN if set, else open
 
 
 @dataclass

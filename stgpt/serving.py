@@ -4,12 +4,16 @@
                     parameters num_beams, min_new_tokens, max_new_tokens. Answers
                     {"caption", "frame_indices", "num_source_frames", "model", "generation", "batch_size",
                      "time_s", "timings"}.
-    GET  /healthz   {"status": "ok", "model", "device"}
+    GET  /healthz   {"status": "ok", "model", "device", "replica", "pid"} (open: no token needed)
     GET  /docs      OpenAPI docs (FastAPI's)
 
-How a request flows through a replica. The body is read with a size cap (413 beyond it). Decoding and
-preprocessing (`read_video`, `to_pixel_values`) run in a small thread pool, so the event loop stays free to
-accept, decode and queue other requests. Generation goes through `@serve.batch`, which collects up to
+How a request flows through a replica. With a token configured (`serve.auth_token` or `$STGPT_SERVE_TOKEN`),
+`/caption` answers 401 unless the request carries `Authorization: Bearer <token>`, before reading any of the
+body (`stgpt/serving_guard.py` does the same, and the size check, inside Ray's proxy). The body is read with a
+size cap (413 beyond it). Decoding runs in a child process per upload (`stgpt.isolation`), under the video
+limits and killed at the request's deadline, so a crashing, hanging or oversized upload answers 422 (504 past
+the deadline) and the replica serves the next request; a small thread pool waits on those children and runs
+`to_pixel_values`, so the event loop stays free to accept, decode and queue other requests. Generation goes through `@serve.batch`, which collects up to
 `max_batch_size` requests (waiting at most `batch_wait_timeout_s`) and runs one batched beam search in a single
 model thread; requests with different generation parameters share the wait but are generated in separate groups.
 Decoded requests enter the batch queue only while the model is idle: Ray closes the next batch as soon as the
@@ -29,6 +33,7 @@ time. Helpers the deployment calls are defined above it, because Serve pickles t
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -49,7 +54,9 @@ from ray import serve
 from ray.serve import Application
 
 from stgpt.config import CONFIG_DIR, Config, ServeConfig, load_config
-from stgpt.video import VideoDecodeError
+from stgpt.isolation import sample_video_isolated
+from stgpt.serving_guard import authorized, token_from_env
+from stgpt.video import VideoDecodeError, VideoLimitError
 
 logger = logging.getLogger("ray.serve")
 
@@ -148,7 +155,8 @@ _UPLOAD_DOC = {
     }
 }
 _ERRORS_DOC = {code: {"model": ErrorResponse, "description": text} for code, text in [
-    (400, "empty body, no file, or a malformed multipart body"), (413, "upload over max_upload_mb"),
+    (400, "empty body, no file, or a malformed multipart body"), (401, "no or wrong bearer token"),
+    (413, "upload over max_upload_mb"),
     (422, "not a decodable video, too long, or a generation parameter out of bounds"),
     (504, "took longer than request_timeout_s")]}
 
@@ -217,7 +225,11 @@ class CaptionDeployment:
         use_gpu = bool(ray.get_gpu_ids())  # only a GPU Ray gave this replica
         self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
         self.settings = settings
+        self.token = settings.auth_token or token_from_env()
         self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
+        # what one upload may cost to decode: the model's video settings, with this deployment's duration limit
+        self.video_limits = dataclasses.replace(
+            self.captioner.video, max_seconds=min(self.captioner.video.max_seconds, settings.max_video_seconds))
         # Per-request defaults start from the checkpoint's own generation config, as offline generation does.
         saved = self.captioner.model.generation_config
         generation = dict(generation or {})
@@ -238,7 +250,10 @@ class CaptionDeployment:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.captioner.name, "device": str(self.captioner.device)}
+        import ray
+
+        return {"status": "ok", "model": self.captioner.name, "device": str(self.captioner.device),
+                "replica": ray.get_runtime_context().get_actor_id() or "", "pid": str(os.getpid())}
 
     @app.post("/caption", response_model=CaptionResponse, responses=_ERRORS_DOC, openapi_extra=_UPLOAD_DOC)
     async def caption(
@@ -251,6 +266,10 @@ class CaptionDeployment:
         """Caption one uploaded video: multipart field `video`, or the raw body."""
         start = time.perf_counter()
         query = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
+        if not authorized(request.headers.get("authorization"), self.token):  # before any of the body is read
+            response = error_response(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <token>'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         try:
             unknown = sorted(set(request.query_params) - set(GENERATION_PARAMS))
             if unknown:
@@ -271,7 +290,9 @@ class CaptionDeployment:
         data, form_params = await self._read_video_bytes(request)
         generation = self._generation(query, form_params)
         loop = asyncio.get_running_loop()
-        pixel_values, indices, num_source = await loop.run_in_executor(self._decode_pool, self._prepare, data)
+        deadline = start + self.settings.request_timeout_s
+        pixel_values, indices, num_source = await loop.run_in_executor(self._decode_pool, self._prepare, data,
+                                                                       deadline)
         decoded = time.perf_counter()
         await self._model_idle.wait()
         result = await self._generate(_Job(pixel_values, tuple(sorted(generation.items()))))
@@ -332,20 +353,23 @@ class CaptionDeployment:
                                                          f"({values['max_new_tokens']}), got {values['min_new_tokens']}")
         return values
 
-    def _prepare(self, data: bytes) -> tuple[torch.Tensor, list[int], int]:
-        """Decode and preprocess, as `Captioner.caption_video` does (runs in the decode pool)."""
+    def _prepare(self, data: bytes, deadline: float) -> tuple[torch.Tensor, list[int], int]:
+        """Decode (in a child process that may crash, killed at the request's deadline) and preprocess, as
+        `Captioner.caption_video` does. Runs in the decode pool."""
         from stgpt.transforms import to_pixel_values
-        from stgpt.video import sample_video
 
+        remaining = deadline - time.perf_counter()
         try:
-            sampled = sample_video(data, self.captioner.video, name="upload")
+            sampled = sample_video_isolated(data, self.video_limits, name="upload", timeout_s=remaining)
+        except VideoLimitError as exc:
+            code = "video_too_long" if exc.limit in ("max_seconds", "max_frames") else "video_over_limit"
+            raise RequestError(422, code, f"cannot caption the upload: {exc.reason}") from None
         except VideoDecodeError as exc:
+            if remaining < self.video_limits.decode_timeout_s and time.perf_counter() >= deadline:
+                raise RequestError(504, "timeout", f"decoding did not finish within the deployment's "
+                                                   f"request_timeout_s ({self.settings.request_timeout_s:g}s); "
+                                                   f"it was stopped") from None
             raise RequestError(422, "invalid_video", f"cannot decode the upload: {exc.reason}") from None
-        limit = self.settings.max_video_seconds
-        if sampled.fps > 0 and sampled.num_source_frames / sampled.fps > limit:
-            seconds = sampled.num_source_frames / sampled.fps
-            raise RequestError(422, "video_too_long", f"the video is {seconds:.1f}s long; this deployment "
-                                                      f"accepts at most {limit:g}s")
         pixel_values = to_pixel_values(sampled.frames[None], self.captioner.video)[0]
         return pixel_values, sampled.indices.tolist(), sampled.num_source_frames
 

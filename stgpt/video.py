@@ -21,6 +21,7 @@ import bisect
 import io
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -51,6 +52,14 @@ class VideoDecodeError(Exception):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class VideoLimitError(VideoDecodeError):
+    """A video over one of the reading limits of `VideoConfig`; `limit` names it (e.g. "max_pixels")."""
+
+    def __init__(self, source: str, limit: str, reason: str):
+        super().__init__(source, f"{reason} (limit: video.{limit})")
+        self.limit = limit
 
 
 @dataclass
@@ -95,12 +104,15 @@ def read_video(
     short_side: int | None = None,
     num_threads: int = 1,
     decoder: str = "pyav",
+    limits: VideoConfig | None = None,
 ) -> SampledVideo:
     """Decode `num_frames` evenly sampled frames of a video given as a path or as bytes.
 
     `short_side` scales frames in the decoder's colour conversion so their shorter edge has that length (aspect
     kept, sizes as `resized_shape`). `name` overrides the name used in errors (useful for bytes). `decoder` is
-    "pyav" (exact) or "decord". Raises `VideoDecodeError` for every kind of bad input.
+    "pyav" (exact) or "decord". `limits` (a `VideoConfig`'s max_* and decode_cpu_seconds; its defaults when
+    None) bound what the video may cost: over one, `VideoLimitError`. Raises `VideoDecodeError` for every kind
+    of bad input.
     """
     label = name or describe_source(source)
     if decoder not in DECODERS:
@@ -110,7 +122,10 @@ def read_video(
         from stgpt import video_decord  # optional dependency, imported only when asked for
 
         return video_decord.read_video(source, num_frames, label, short_side, num_threads)
-    return _PyAVReader(source, label, short_side, num_threads).sample(num_frames)
+    try:
+        return _PyAVReader(source, label, short_side, num_threads, limits or VideoConfig()).sample(num_frames)
+    except MemoryError:
+        raise VideoDecodeError(label, "ran out of memory decoding this video") from None
 
 
 def sample_video(source: VideoSource, video: VideoConfig, name: str | None = None) -> SampledVideo:
@@ -119,7 +134,8 @@ def sample_video(source: VideoSource, video: VideoConfig, name: str | None = Non
     Every path that turns a video into model input (preprocessing, evaluation, serving, captioning) reads
     through here, so the frames a model trains on and the frames it is served are scaled the same way.
     """
-    return read_video(source, video.num_frames, name=name, short_side=video.short_side, decoder=video.decoder)
+    return read_video(source, video.num_frames, name=name, short_side=video.short_side, decoder=video.decoder,
+                      limits=video)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -140,12 +156,18 @@ class _Untrusted(Exception):
 
 
 class _PyAVReader:
-    def __init__(self, source: str | bytes, label: str, short_side: int | None, num_threads: int):
+    def __init__(self, source: str | bytes, label: str, short_side: int | None, num_threads: int,
+                 limits: VideoConfig):
         self.source, self.label, self.short_side, self.num_threads = source, label, short_side, num_threads
+        self.limits, self.cpu_start = limits, time.thread_time()
         self.decoded = 0
         self.container = container = self._open()  # indexed, then decoded from: sample() closes it
         try:
             self.stream = stream = self._best_stream(container)
+            self._check_size(stream.codec_context.width, stream.codec_context.height, "declares")
+            if stream.frames and stream.frames > limits.max_frames:
+                raise VideoLimitError(label, "max_frames", f"the container declares {stream.frames} frames, over "
+                                                           f"the limit of {limits.max_frames}")
             self.fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             self.declared = _declared_duration(container, stream)
             self.start = stream.start_time
@@ -188,7 +210,7 @@ class _PyAVReader:
     def _index(self, container, stream) -> tuple[list[_Packet], bool, float | None]:
         """Every packet of the stream in decode order (no decoding); whether their timestamps can be trusted."""
         packets: list[_Packet] = []
-        trusted, last_end = True, None
+        trusted, last_end, limits = True, None, self.limits
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
@@ -200,6 +222,13 @@ class _PyAVReader:
                 elif not packet.is_discard and packet.time_base is not None:
                     end = float((packet.pts + (packet.duration or 0) - (self.start or 0)) * packet.time_base)
                     last_end = end if last_end is None else max(last_end, end)
+                    if last_end > limits.max_seconds:
+                        raise VideoLimitError(self.label, "max_seconds", f"the video is over {limits.max_seconds:g}s "
+                                              f"long by its timestamps ({last_end:.1f}s and counting)")
+                if len(packets) > limits.max_frames:
+                    raise VideoLimitError(self.label, "max_frames", f"the video has over {limits.max_frames} frames")
+                if len(packets) % 256 == 0:
+                    self._check_cpu()
         except av.error.FFmpegError:
             trusted = False  # damaged packets: what decodes is counted by decoding
         if packets and trusted and not any(p.keyframe for p in packets):
@@ -284,8 +313,10 @@ class _PyAVReader:
             frames = context.decode(packet)
         except av.error.FFmpegError:
             raise _Untrusted from None  # damaged: count what decodes, sequentially
+        self._check_cpu()
         for frame in frames:
             self.decoded += 1
+            self._check_size(frame.width, frame.height, "decodes to")
             if frame.pts is None or frame.pts not in self.position or (last_pts is not None and frame.pts <= last_pts):
                 raise _Untrusted  # frames out of order, or not the ones the index knows
             last_pts = frame.pts
@@ -315,6 +346,11 @@ class _PyAVReader:
             try:
                 for frame in container.decode(stream):
                     self.decoded += 1
+                    self._check_size(frame.width, frame.height, "decodes to")
+                    self._check_cpu()
+                    if count > self.limits.max_frames:
+                        raise VideoLimitError(self.label, "max_frames",
+                                              f"the video has over {self.limits.max_frames} frames")
                     if count in wanted:
                         taken[count] = self._to_rgb(frame)
                     count += 1
@@ -322,7 +358,25 @@ class _PyAVReader:
                 pass
         return count, taken
 
-    # ---- helpers
+    # ---- limits and helpers
+
+    def _check_size(self, width: int, height: int, how: str) -> None:
+        limits = self.limits
+        if width <= 0 or height <= 0:
+            return  # unknown until decoded: checked on every frame
+        if width * height > limits.max_pixels:
+            raise VideoLimitError(self.label, "max_pixels", f"the video {how} {width}x{height} frames, over the "
+                                                            f"limit of {limits.max_pixels} pixels a frame")
+        if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+            raise VideoLimitError(self.label, "max_aspect_ratio", f"the video {how} {width}x{height} frames, an "
+                                  f"aspect ratio over {limits.max_aspect_ratio:g}:1")
+
+    def _check_cpu(self) -> None:
+        spent = time.thread_time() - self.cpu_start
+        if spent > self.limits.decode_cpu_seconds:
+            raise VideoLimitError(self.label, "decode_cpu_seconds", f"decoding took over "
+                                  f"{self.limits.decode_cpu_seconds:g} CPU seconds (stopped)")
+
 
     def _configure(self, stream):
         context = stream.codec_context

@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("STGPT_TEST_DECODER_FAULTS", "1")  # isolated decoders may be told to crash (stgpt/isolation.py)
 
 NUM_NODES = 3
 CPUS_PER_NODE = 2

@@ -18,6 +18,7 @@ from stgpt.inference import Captioner
 from stgpt.serving import build_app, ensure_tiny_checkpoint, load_serve_file, resolve_checkpoint
 from stgpt.synthetic import encode_video, make_synthetic_dataset, plan_dataset, render_video, write_damaged_videos
 
+TOKEN = "test-token-0123456789"
 CHEAP = {"num_beams": 2, "max_new_tokens": 4}  # quick generation for requests that only check the plumbing
 MAX_VIDEO_SECONDS = 4.0
 MAIN_SETTINGS = {"max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_upload_mb": 1,
@@ -59,6 +60,8 @@ def server(ray_cluster, assets):
                            "deployment": {**small, "num_replicas": 1}}),
         "timeout": build_app({"checkpoint": checkpoint,
                               "serve": {"request_timeout_s": 0.2, "max_new_tokens_limit": 128},
+                              "deployment": {**small, "num_replicas": 1}}),
+        "guarded": build_app({"checkpoint": checkpoint, "serve": {"auth_token": TOKEN},
                               "deployment": {**small, "num_replicas": 1}}),
         "autoscale": build_app({"checkpoint": checkpoint, "serve": {"max_batch_size": 2},
                                 "deployment": {**small, "max_ongoing_requests": 4, "autoscaling_config": {
@@ -129,7 +132,10 @@ def test_serve_config_file_carries_batching_autoscaling_and_resources():
 def test_health_and_openapi_docs(server, client, assets):
     health = client.get(f"{server['main']}/healthz")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "model": str(assets["checkpoint"].resolve()), "device": "cpu"}
+    body = health.json()
+    assert {k: body[k] for k in ("status", "model", "device")} == {
+        "status": "ok", "model": str(assets["checkpoint"].resolve()), "device": "cpu"}
+    assert body["replica"] and body["pid"].isdigit()
     assert client.get(f"{server['main']}/docs").status_code == 200
     schema = client.get(f"{server['main']}/openapi.json").json()
     params = {p["name"] for p in schema["paths"]["/caption"]["post"]["parameters"]}
@@ -193,7 +199,7 @@ BAD_REQUESTS = {
     "over the size limit": (lambda a: {"content": bytes(1_500_000)}, 413, "upload_too_large", "1 MB"),
     "over the size limit, chunked": (lambda a: {"content": _chunks(bytes(1_500_000))}, 413, "upload_too_large",
                                      "1 MB"),
-    "video too long": (lambda a: {"content": a["long"].read_bytes()}, 422, "video_too_long", "6.0s"),
+    "video too long": (lambda a: {"content": a["long"].read_bytes()}, 422, "video_too_long", "over 4s long"),
     "zero beams": (lambda a: {"params": {"num_beams": 0}, "content": a["videos"][0].read_bytes()}, 422,
                    "invalid_parameter", "num_beams"),
     "too many beams": (lambda a: {"params": {"num_beams": 9}, "content": a["videos"][0].read_bytes()}, 422,
@@ -231,6 +237,51 @@ def test_bad_request_answers_4xx_json_and_the_replica_keeps_serving(server, clie
     assert_serves(client, server["main"], assets["videos"][0])
 
 
+def test_hostile_uploads_cost_one_request_and_the_replica_stays(server, client, assets, tmp_path):
+    """A decoder that crashes, and bombs by resolution and by duration: 422 each, answered by the same replica
+    (same process), which captions the next good request."""
+    import hostile_corpus as hostile
+    from stgpt.isolation import CRASH
+
+    good = assets["videos"][0].read_bytes()
+    before = client.get(f"{server['main']}/healthz").json()
+    hostile_uploads = [
+        (CRASH + good, "invalid_video", "crashed"),
+        (hostile.resolution_bomb(tmp_path / "big.mp4").read_bytes(), "video_over_limit", "max_pixels"),
+        (hostile.aspect_bomb(tmp_path / "thin.mp4").read_bytes(), "video_over_limit", "max_aspect_ratio"),
+        (hostile.duration_bomb(tmp_path / "long.mkv").read_bytes(), "video_too_long", "max_seconds"),
+    ]
+    for content, error, words in hostile_uploads:
+        response = client.post(f"{server['main']}/caption", params=CHEAP, content=content)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == error and words in response.json()["detail"]
+        assert_serves(client, server["main"], assets["videos"][1])
+    after = client.get(f"{server['main']}/healthz").json()
+    assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
+
+
+def test_sixty_four_concurrent_good_requests_all_answer(server, assets):
+    async def send_all():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(f"{server['main']}/caption", params=CHEAP,
+                                                    content=assets["videos"][i % 4].read_bytes()) for i in range(64)))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 64, [r.text for r in responses if r.status_code != 200]
+
+
+def test_token_is_required_when_set(server, client, assets):
+    url, video = server["guarded"], assets["videos"][0].read_bytes()
+    missing = client.post(f"{url}/caption", params=CHEAP, content=video)
+    assert missing.status_code == 401 and missing.json()["error"] == "unauthorized"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = client.post(f"{url}/caption", params=CHEAP, content=video, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert client.get(f"{url}/healthz").status_code == 200  # health stays open for load balancers
+    right = client.post(f"{url}/caption", params=CHEAP, content=video, headers={"authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 200, right.text
+
+
 def test_text_video_field_is_never_read_as_a_path(server, client, assets):
     """A multipart body whose `video` is text (a path on the server) is refused without opening it."""
     path = str(assets["videos"][0])
@@ -250,6 +301,12 @@ def test_slow_request_gets_a_timeout_answer(server, client, assets):
                                files={"video": assets["videos"][0].read_bytes()})
         assert response.status_code == 504, response.text
         assert response.json()["error"] == "timeout" and "0.2s" in response.json()["detail"]
+    assert client.get(f"{server['timeout']}/healthz").status_code == 200
+    # a decoder that hangs is stopped at the request's deadline: 504, and the replica goes on answering
+    from stgpt.isolation import HANG
+
+    hung = client.post(f"{server['timeout']}/caption", content=HANG + assets["videos"][0].read_bytes())
+    assert hung.status_code == 504 and hung.json()["error"] == "timeout"
     assert client.get(f"{server['timeout']}/healthz").status_code == 200
 
 
