@@ -24,9 +24,17 @@ MANIFEST = REPO_ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 _KEY = re.compile(r"^(?P<indent> *)serveConfigV2:.*$")
 
 
+# configs/serve.yaml listens on this machine only; in the cluster the Service reaches the proxies on every
+# interface, and /caption needs the token of the stgpt-serve Secret (STGPT_SERVE_TOKEN in the pods' env).
+_LOCAL_HOST = re.compile(r"^(?P<indent>  )host: 127\.0\.0\.1\b.*$")
+CLUSTER_HOST_LINE = "  host: 0.0.0.0          # in the cluster: reached through the Service; /caption needs the token"
+
+
 def normalized(serve_text: str) -> str:
-    """The Serve config text as the manifest holds it: trailing blank lines and line-end spaces dropped."""
+    """The Serve config text as the manifest holds it: trailing blank lines and line-end spaces dropped, and
+    `http_options.host` opened from 127.0.0.1 to 0.0.0.0."""
     lines = [line.rstrip() for line in serve_text.expandtabs().splitlines()]
+    lines = [CLUSTER_HOST_LINE if _LOCAL_HOST.match(line) else line for line in lines]
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines) + "\n"

@@ -18,8 +18,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stgpt.config import CONFIG_DIR  # noqa: E402
+from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
 from stgpt.serving import build_app, load_serve_file, resolve_checkpoint  # noqa: E402
+from stgpt.serving_guard import MAX_UPLOAD_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, TOKEN_ENV  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    # The proxy checks the token and the upload size before reading a body (stgpt/serving_guard.py): Ray loads the
+    # guard from these variables in the nodes' environment, which a local Ray started here inherits. A cluster
+    # joined through RAY_ADDRESS must have them set on its nodes (the cluster manifests do).
+    settings = load_config(None, [f"serve.{k}={yaml.safe_dump(v).strip()}" for k, v in
+                                  (app_args.get("serve") or {}).items()]).serve
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    os.environ[MAX_UPLOAD_ENV] = str(settings.max_upload_mb)
+    if settings.auth_token:
+        os.environ[TOKEN_ENV] = settings.auth_token
+    if http.get("host", "127.0.0.1") not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(TOKEN_ENV):
+        print(f"WARNING: listening on {http['host']} with no token: anyone who can reach this port may caption "
+              f"(set {TOKEN_ENV} or serve.auth_token)", file=sys.stderr, flush=True)
     # RAY_ADDRESS joins a running cluster on purpose; otherwise start a fresh local Ray, never someone else's.
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     serve.start(http_options=http, proxy_location=spec.proxy_location)

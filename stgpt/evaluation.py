@@ -223,14 +223,14 @@ class CaptionActor:
         """uint8 `(T, crop, crop, 3)` frames of row i, resized and cropped as the model expects."""
         from stgpt.shards import row_frames
         from stgpt.transforms import resize_and_crop
-        from stgpt.video import sample_video
+        from stgpt.isolation import sample_video_isolated  # a decoder crash or hang costs this video only
 
         video = self.captioner.video
         if "frames" in batch:
             frames = row_frames({key: batch[key][i] for key in SHARD_COLUMNS}, video.num_frames)
         else:
             path = str(batch["path"][i])
-            frames = sample_video(_read_source(path), video, name=path).frames
+            frames = sample_video_isolated(_read_source(path), video, name=path).frames
         if frames.shape[1:3] != (video.crop_size, video.crop_size):
             frames = resize_and_crop(frames, video.short_side, video.crop_size).numpy()
         return frames

@@ -114,7 +114,7 @@ def _fork_context():
 def _child_main(sender, source: str | bytes, video: VideoConfig, label: str) -> None:
     _limit_resources(video)
     try:
-        if os.environ.get(FAULTS_ENV) == "1" and isinstance(source, bytes):
+        if os.environ.get(FAULTS_ENV) == "1":
             _inject_fault(source)
         result: tuple[str, Any] = ("ok", sample_video(source, video, name=label))
     except VideoLimitError as exc:
@@ -132,7 +132,10 @@ def _child_main(sender, source: str | bytes, video: VideoConfig, label: str) -> 
         sender.send(("error", "the decoded frames did not fit the decoder's memory limit"))
 
 
-def _inject_fault(source: bytes) -> None:
+def _inject_fault(source: str | bytes) -> None:
+    if isinstance(source, str):
+        with open(source, "rb") as handle:
+            source = handle.read(32)
     if source.startswith(CRASH):
         os.kill(os.getpid(), signal.SIGSEGV)
     if source.startswith(HANG):

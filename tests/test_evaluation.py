@@ -100,6 +100,11 @@ def assets(tmp_path_factory):
         path.rename(dataset.video_dir / f"bad_{kind}.mp4")
         raw.append(VideoAnnotation(f"bad_{kind}", [f"a {kind} video"]))
     raw.append(VideoAnnotation("never_downloaded", ["a video that is not there"]))
+    # a file that makes its (isolated) decoder die with SIGSEGV, as a hostile file can
+    from stgpt.isolation import CRASH
+
+    (dataset.video_dir / "bad_crasher.mp4").write_bytes(CRASH + dataset.video_path(entries[0].video_id).read_bytes())
+    raw.append(VideoAnnotation("bad_crasher", ["a video that crashes its decoder"]))
     save_annotations(raw, root / "raw.json")
     return {"root": root, "dataset": dataset, "checkpoint": str(checkpoint), "shards": shards, "rows": rows,
             "raw_annotations": root / "raw.json", "entries": {e.video_id: e for e in entries}}
@@ -194,7 +199,8 @@ def test_raw_videos_damaged_and_missing_are_recorded_and_captions_match(assets, 
     good = list(assets["entries"])
     assert [c["image_id"] for c in captions] == good
     reasons = {e["video_id"]: e for e in errors}
-    assert set(reasons) == {f"bad_{kind}" for kind in DAMAGED} | {"never_downloaded"}
+    assert set(reasons) == {f"bad_{kind}" for kind in DAMAGED} | {"never_downloaded", "bad_crasher"}
+    assert reasons["bad_crasher"]["stage"] == "decode" and "SIGSEGV" in reasons["bad_crasher"]["reason"]
     assert reasons["never_downloaded"]["stage"] == "find" and "not found" in reasons["never_downloaded"]["reason"]
     assert "empty" in reasons["bad_empty"]["reason"] and "truncated" in reasons["bad_truncated"]["reason"]
     assert all(reasons[f"bad_{kind}"]["stage"] == "decode" for kind in DAMAGED)

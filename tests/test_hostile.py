@@ -142,3 +142,64 @@ async def test_guard_refuses_before_the_body_is_read(guarded):
 
         chunked = await client.post("/caption", content=stream(), headers=auth)
         assert chunked.status_code == 413
+
+
+# --------------------------------------------------------------------------------------------------------
+# jobs/serve.py as a user runs it: its own local Ray, the guard loaded in Ray's proxy.
+
+
+@pytest.mark.slow
+def test_serve_job_listens_locally_and_its_proxy_refuses_before_the_body(tmp_path, make_video):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from stgpt.serving import ensure_tiny_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    checkpoint = ensure_tiny_checkpoint(tmp_path / "tiny")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["STGPT_SERVE_TOKEN"] = "job-token"
+    job = subprocess.Popen([sys.executable, str(repo / "jobs" / "serve.py"), "--checkpoint", str(checkpoint),
+                            "--port", str(port), "--num-replicas", "1", "serve.max_upload_mb=1"],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert job.poll() is None, job.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("jobs/serve.py did not come up")
+        with socket.socket() as probe:  # 127.0.0.1 by default: not on the machine's other addresses
+            probe.settimeout(2)
+            other = socket.gethostbyname(socket.gethostname())
+            if not other.startswith("127."):
+                assert probe.connect_ex((other, port)) != 0
+        video = make_video(num_frames=16).read_bytes()
+        assert httpx.post(f"{base}/caption", content=video).status_code == 401
+        big = httpx.post(f"{base}/caption", content=bytes(2 * 1024 * 1024),
+                         headers={"authorization": "Bearer job-token"})
+        assert big.status_code == 413 and "this service accepts" in big.json()["detail"]  # the proxy's guard
+        good = httpx.post(f"{base}/caption", params={"num_beams": 2, "max_new_tokens": 4}, content=video,
+                          headers={"authorization": "Bearer job-token"}, timeout=60)
+        assert good.status_code == 200, good.text
+    finally:
+        os.killpg(job.pid, signal.SIGINT)
+        try:
+            job.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(10)
