@@ -9,6 +9,13 @@ POST /caption requests at each concurrency level from an asyncio client on local
 that alternate between the two apps, so background load on a shared machine hits both alike. Reports requests per
 second, p50/p95/p99 latency, failed requests, the mean batch size and the server's own time per request (decode +
 batch wait and generation), and writes the table to benchmarks/RESULTS.md (section "serve_load").
+
+    python benchmarks/serve_load.py --hostile             # section "serve_hostile"
+
+With `--hostile`, one batched deployment takes good requests at concurrency 16 in rounds that alternate between
+no other traffic and a second client sending one hostile upload a second (resolution, aspect and duration bombs,
+a decoder that crashes, seeded mutations of small files). Target: no failed good request, good-request p99 within
+1.5x of the clean rounds.
 """
 import argparse
 import asyncio
@@ -84,6 +91,94 @@ async def run_round(url: str, videos: list[bytes], total: int, timeout_s: float,
         samples.wall_s += time.perf_counter() - start
 
 
+async def run_round_under_attack(url: str, videos: list[bytes], total: int, timeout_s: float, samples: Samples,
+                                 hostile: list[tuple[str, bytes]], answers: dict[str, list[int]]) -> None:
+    """`run_round` while a second client sends one hostile upload a second; their status codes go to `answers`."""
+    done = asyncio.Event()
+
+    async def send(client: httpx.AsyncClient, name: str, data: bytes) -> None:
+        try:
+            response = await client.post(url, content=data)
+            answers.setdefault(name, []).append(response.status_code)
+        except httpx.HTTPError as exc:
+            answers.setdefault(name, []).append(-1)
+            print("   hostile upload failed at the client:", type(exc).__name__, exc)
+
+    async def attacker() -> None:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            sent, index = [], 0
+            while not done.is_set():  # one a second, whether or not the last one was answered
+                sent.append(asyncio.create_task(send(client, *hostile[index % len(hostile)])))
+                index += 1
+                try:
+                    await asyncio.wait_for(done.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+            await asyncio.gather(*sent)
+
+    task = asyncio.create_task(attacker())
+    await run_round(url, videos, total, timeout_s, samples)
+    done.set()
+    await task
+
+
+def hostile_uploads(folder: Path) -> list[tuple[str, bytes]]:
+    """The tests' hostile corpus: bombs, a decoder that crashes, and seeded mutants of small real files that do
+    not decode (mutants that still decode are only more good requests, and are left out)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import hostile_corpus as corpus
+
+    from stgpt.config import VideoConfig
+    from stgpt.isolation import CRASH, sample_video_isolated
+    from stgpt.video import VideoDecodeError
+
+    bombs = [("resolution bomb", corpus.resolution_bomb(folder / "big.mp4").read_bytes()),
+             ("aspect bomb", corpus.aspect_bomb(folder / "thin.mp4").read_bytes()),
+             ("duration bomb", corpus.duration_bomb(folder / "long.mkv").read_bytes()),
+             ("resolution change", corpus.resolution_change(folder / "change.ts").read_bytes()),
+             ("decoder crash", CRASH + corpus.aspect_bomb(folder / "thin.mp4").read_bytes())]
+    broken = []
+    for _, data in corpus.mutations(corpus.small_clips(folder / "seeds"), 24, seed=3):
+        try:
+            sample_video_isolated(data, VideoConfig(), timeout_s=30)
+        except VideoDecodeError:
+            broken.append(("undecodable mutant", data))
+    mixed = []
+    for i in range(max(len(bombs), len(broken))):
+        mixed += [bombs[i % len(bombs)]] + ([broken[i % len(broken)]] if broken else [])
+    return mixed
+
+
+def hostile_markdown(clean: dict, attacked: dict, answers: dict[str, list[int]], meta: dict) -> str:
+    ratio = attacked["p99"] / clean["p99"] if clean["p99"] else float("nan")
+    met = attacked["failed"] == 0 and clean["failed"] == 0 and ratio <= 1.5
+    lines = [
+        "## Serving under hostile uploads (`python benchmarks/serve_load.py --hostile`)",
+        "",
+        f"{meta['host']}. Client, proxy and one replica ({meta['replica_cpus']} CPU, batches of "
+        f"{meta['max_batch_size']}) on this machine; checkpoint `{meta['checkpoint']}`, generation "
+        f"{meta['generation']}; good requests at concurrency {clean['concurrency']}, {meta['rounds']} alternating "
+        "rounds of each kind.",
+        "",
+        "| good requests | requests | failed | req/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in (("clean", clean), ("with one hostile upload a second", attacked)):
+        lines.append(f"| {name} | {row['requests']} | {row['failed']} | {row['rps']:.2f} | {row['p50'] * 1e3:.0f} | "
+                     f"{row['p99'] * 1e3:.0f} |")
+    lines += ["", "| hostile upload | sent | answers |", "|---|---:|---|"]
+    for name, codes in sorted(answers.items()):
+        tally = ", ".join(f"{code}: {codes.count(code)}" for code in sorted(set(codes)))
+        lines.append(f"| {name} | {len(codes)} | {tally} |")
+    lines += ["", f"- p99 under attack / clean: **{ratio:.2f}x**; failed good requests: "
+                  f"{attacked['failed'] + clean['failed']}. Target (no failure, p99 within 1.5x): "
+                  f"**{'met' if met else 'missed'}**.",
+              "- Each hostile upload decodes in its own child process (`stgpt/isolation.py`), under the video limits: "
+              "bombs are refused from the header or the first oversized frame (422), a crashing decoder costs its "
+              "own request (422) and the replica goes on."]
+    return "\n".join(lines) + "\n"
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile, in seconds (nan for no values)."""
     if not values:
@@ -139,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
+    parser.add_argument("--hostile", action="store_true", help="clean vs hostile rounds at concurrency 16")
     args = parser.parse_args(argv)
+    if args.hostile:
+        os.environ["STGPT_TEST_DECODER_FAULTS"] = "1"  # the crashing-decoder upload (stgpt/isolation.py)
 
     import ray
     from ray import serve
@@ -168,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", log_to_driver=False)  # a fresh local Ray: never a cluster someone else runs
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     apps = {}
-    for mode in MODES:
+    for mode in (MODES[:1] if args.hostile else MODES):
         batch = settings.get("max_batch_size", 8) if mode == "batched" else 1
         app = build_app({**spec.app_args, "checkpoint": checkpoint, "serve": {**settings, "max_batch_size": batch},
                          "deployment": deployment})
         serve.run(app, name=f"bench-{mode}", route_prefix=f"/{mode}")
         apps[mode] = f"http://127.0.0.1:{args.port}/{mode}/caption"
 
+    if args.hostile:
+        return run_hostile(args, apps["batched"], videos, spec, settings, deployment, checkpoint, generation)
     results: dict[str, list[dict]] = {mode: [] for mode in MODES}
     try:
         for mode in MODES:  # warm up both: first calls pay for lazy initialisation
@@ -211,6 +311,40 @@ def main(argv: list[str] | None = None) -> int:
         write_section("serve_load", table)
     failed = sum(row["failed"] for rows in results.values() for row in rows)
     return 1 if failed else 0
+
+
+def run_hostile(args, url: str, videos: list[bytes], spec, settings: dict, deployment: dict, checkpoint: str,
+                generation: dict) -> int:
+    from ray import serve
+    import ray
+
+    level = 16
+    total = args.requests or 12 * level
+    clean, attacked, answers = Samples(level), Samples(level), {}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            hostile = hostile_uploads(Path(folder))
+        asyncio.run(run_round(url, videos, 16, args.timeout_s, Samples(8)))  # warm up
+        for round_ in range(args.rounds):
+            share = total // args.rounds
+            asyncio.run(run_round(url, videos, share, args.timeout_s, clean))
+            asyncio.run(run_round_under_attack(url, videos, share, args.timeout_s, attacked, hostile, answers))
+            print(f"round {round_ + 1}: clean p99 {percentile(clean.latencies, 99):.2f}s, under attack "
+                  f"{percentile(attacked.latencies, 99):.2f}s, failed {len(clean.failures)}/{len(attacked.failures)}",
+                  flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    meta = {"host": machine_info(), "checkpoint": checkpoint, "generation": generation, "rounds": args.rounds,
+            "replica_cpus": deployment.get("ray_actor_options", {}).get("num_cpus", 1),
+            "max_batch_size": settings.get("max_batch_size")}
+    table = hostile_markdown(clean.summary(), attacked.summary(), answers, meta)
+    print(table)
+    for error in (clean.failures + attacked.failures)[:5]:
+        print("   ", error)
+    if not args.no_write:
+        write_section("serve_hostile", table)
+    return 1 if clean.failures or attacked.failures else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Caption a video with a running stgpt deployment: `caption("clip.mp4", url="http://host:8000")`.
 
 The video's bytes are uploaded (multipart field `video`); the server never opens a path named in a request, so
-the file only has to exist where the client runs.
+the file only has to exist where the client runs. A deployment that requires a token gets it from `token`, or
+from `$STGPT_SERVE_TOKEN` (the variable the server reads too).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def caption(
     max_new_tokens: Optional[int] = None,
     timeout_s: float = 120.0,
     client: Optional[httpx.Client] = None,
+    token: Optional[str] = None,
 ) -> dict[str, Any]:
     """POST one video to `url` and return the server's JSON answer (`caption`, `frame_indices`, `model`, ...).
 
@@ -48,10 +50,12 @@ def caption(
         name, data = Path(video).name, Path(video).read_bytes()
     params = {key: value for key, value in (("num_beams", num_beams), ("min_new_tokens", min_new_tokens),
                                             ("max_new_tokens", max_new_tokens)) if value is not None}
+    token = token or os.environ.get("STGPT_SERVE_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     own = client is None
     client = client or httpx.Client(timeout=timeout_s)
     try:
-        response = client.post(caption_url(url), params=params,
+        response = client.post(caption_url(url), params=params, headers=headers,
                                files={"video": (name, data, "application/octet-stream")})
     finally:
         if own:

@@ -280,6 +280,9 @@ def test_token_is_required_when_set(server, client, assets):
     assert client.get(f"{url}/healthz").status_code == 200  # health stays open for load balancers
     right = client.post(f"{url}/caption", params=CHEAP, content=video, headers={"authorization": f"Bearer {TOKEN}"})
     assert right.status_code == 200, right.text
+    from stgpt.client import caption
+
+    assert caption(video, url, token=TOKEN, **CHEAP)["caption"] == right.json()["caption"]
 
 
 def test_text_video_field_is_never_read_as_a_path(server, client, assets):
