@@ -146,6 +146,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """jobs/caption.py: caption every video of a folder, bucket, glob or list; windows for long videos."""
+
+    output_dir: str = "outputs/captions"
+    num_actors: int = 2  # model actors (fewer if the cluster must keep a CPU for decoding)
+    use_gpu: bool = False  # one GPU per model actor
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8  # windows per beam search
+    precision: str = "fp32"
+    window_seconds: Optional[float] = None  # None: one caption per video (the model's training setting)
+    window_stride_seconds: Optional[float] = None  # None: window_seconds (windows side by side)
+    videos_per_part: int = 64  # videos per output Parquet part: the unit a re-run keeps or redoes
+
+
+@dataclass
 class ServeConfig:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05
@@ -168,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,10 @@ import threading
 from typing import Any
 
 from stgpt.config import VideoConfig
-from stgpt.video import SampledVideo, VideoDecodeError, VideoLimitError, VideoSource, describe_source, sample_video
+from typing import Iterator
+
+from stgpt.video import (SampledVideo, SampledWindow, VideoDecodeError, VideoLimitError, VideoSource,
+                         describe_source, read_windows, sample_video)
 
 # Fault injection for the tests of this isolation (never set in production): with this variable set to 1, a
 # child given bytes that start with one of these markers crashes, hangs or exhausts its memory, as a hostile file
@@ -62,6 +65,64 @@ def sample_video_isolated(source: VideoSource, video: VideoConfig, name: str | N
     if status == "limit":
         raise VideoLimitError(label, value[0], value[1])
     raise VideoDecodeError(label, value)
+
+
+def read_windows_isolated(source: VideoSource, video: VideoConfig, window_s: float, stride_s: float | None = None,
+                          name: str | None = None) -> Iterator[SampledWindow]:
+    """`read_windows` in a child process, streamed: each window comes through the pipe as it is read, and the
+    child waits (the pipe is full) until the caller takes it, so a long video never piles up in memory. Each
+    window must arrive within `video.decode_timeout_s`; the CPU budget is per window (no RLIMIT_CPU here)."""
+    label = name or describe_source(source)
+    source = bytes(source) if isinstance(source, (bytearray, memoryview)) else (
+        source if isinstance(source, bytes) else os.fspath(source))
+    receiver, sender = _fork_context().Pipe(duplex=False)
+    child = _fork_context().Process(target=_windows_child_main, args=(sender, source, video, label, window_s,
+                                                                       stride_s), daemon=True)
+    _start_without_main(child)
+    sender.close()
+    try:
+        while True:
+            if not receiver.poll(max(0.0, video.decode_timeout_s)):
+                raise VideoDecodeError(label, f"the next window took longer than {video.decode_timeout_s:g}s "
+                                              f"(stopped)")
+            try:
+                status, value = receiver.recv()
+            except (EOFError, OSError):
+                child.join(5)
+                raise VideoDecodeError(label, _death(child.exitcode)) from None
+            if status == "window":
+                yield value
+            elif status == "done":
+                return
+            elif status == "limit":
+                raise VideoLimitError(label, value[0], value[1])
+            else:
+                raise VideoDecodeError(label, value)
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+
+
+def _windows_child_main(sender, source, video: VideoConfig, label: str, window_s: float,
+                        stride_s: float | None) -> None:
+    _limit_resources(video, cpu=False)
+    try:
+        if os.environ.get(FAULTS_ENV) == "1":
+            _inject_fault(source)
+        for window in read_windows(source, video, window_s, stride_s, name=label):
+            sender.send(("window", window))
+        result: tuple[str, Any] = ("done", None)
+    except VideoLimitError as exc:
+        result = ("limit", (exc.limit, exc.reason.rsplit(" (limit: ", 1)[0]))
+    except VideoDecodeError as exc:
+        result = ("error", exc.reason)
+    except MemoryError:
+        result = ("error", f"the decoder ran out of its memory limit (video.decode_memory_mb={video.decode_memory_mb})")
+    except Exception as exc:
+        result = ("error", f"unexpected {type(exc).__name__}: {exc}"[:500])
+    sender.send(result)
 
 
 def _death(exitcode: int | None) -> str:
@@ -146,14 +207,15 @@ def _inject_fault(source: str | bytes) -> None:
         del hog
 
 
-def _limit_resources(video: VideoConfig) -> None:
+def _limit_resources(video: VideoConfig, cpu: bool = True) -> None:
     """Address space and CPU limits for this child (Linux and macOS; elsewhere only the deadline applies)."""
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
         return
-    cpu = int(math.ceil(video.decode_cpu_seconds)) + 1  # the reader stops itself first, with a clearer message
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    if cpu:
+        seconds = int(math.ceil(video.decode_cpu_seconds)) + 1  # the reader stops itself first, more clearly
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
     try:
         with open("/proc/self/statm") as statm:
             used = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

@@ -138,6 +138,39 @@ def sample_video(source: VideoSource, video: VideoConfig, name: str | None = Non
                       limits=video)
 
 
+@dataclass
+class SampledWindow:
+    """The frames sampled from one time window of a video: `video.indices` index the whole video's frames."""
+
+    index: int  # 0, 1, ... in time order
+    start_s: float
+    end_s: float
+    video: SampledVideo
+
+
+def read_windows(source: VideoSource, video: VideoConfig, window_s: float, stride_s: float | None = None,
+                 name: str | None = None) -> Iterator[SampledWindow]:
+    """One `SampledWindow` per window of `window_s` seconds, every `stride_s` (default `window_s`), streamed.
+
+    Windows cover the frames' presentation times from the first frame on; in each, `video.num_frames` frames
+    are sampled with the original rule among the frames shown in it. A video shorter than a window is one
+    window; the last window ends with the video; windows with no frames (gaps) are skipped. Only the frames of
+    the window being read are held, so a video of any length reads in the memory of one window. The limits of
+    `video` apply; `decode_cpu_seconds` to each window.
+    """
+    if window_s <= 0 or (stride_s is not None and stride_s <= 0):
+        raise ValueError(f"window and stride must be positive, got {window_s} and {stride_s}")
+    label = name or describe_source(source)
+    if video.decoder != "pyav":
+        raise ValueError("windows need the exact reader (video.decoder=pyav)")
+    checked = _checked_source(source, label)
+    try:
+        reader = _PyAVReader(checked, label, video.short_side, 1, video)
+        yield from reader.sample_windows(video.num_frames, window_s, stride_s or window_s)
+    except MemoryError:
+        raise VideoDecodeError(label, "ran out of memory decoding this video") from None
+
+
 # --------------------------------------------------------------------------------------------------------
 # The PyAV reader.
 
@@ -160,7 +193,7 @@ class _PyAVReader:
                  limits: VideoConfig):
         self.source, self.label, self.short_side, self.num_threads = source, label, short_side, num_threads
         self.limits, self.cpu_start = limits, time.thread_time()
-        self.decoded = 0
+        self.decoded, self.context = 0, None
         self.container = container = self._open()  # indexed, then decoded from: sample() closes it
         try:
             self.stream = stream = self._best_stream(container)
@@ -251,6 +284,76 @@ class _PyAVReader:
             self.container.close()
         return self._sample_sequentially(num_frames)
 
+    def sample_windows(self, num_frames: int, window_s: float, stride_s: float) -> Iterator[SampledWindow]:
+        try:
+            self._check_not_truncated()
+            trusted = self.trusted and bool(self.shown)
+            if trusted:
+                times = self._times()
+                windows, yielded = _windows(times, num_frames, window_s, stride_s, self.fps), 0
+                try:
+                    for index, begin, end, indices in windows:
+                        self.cpu_start, self.decoded = time.thread_time(), 0  # the CPU budget is per window
+                        frames = self._decode_targets(indices)
+                        yield SampledWindow(index, begin, end, self._result(frames, indices, len(self.shown)))
+                        yielded += 1
+                    return
+                except _Untrusted:
+                    if yielded:  # pragma: no cover - the first window's decode is where an index shows its faults
+                        raise VideoDecodeError(self.label, "the decoder disagreed with the stream's index midway "
+                                                           "through its windows") from None
+        finally:
+            self.container.close()
+        times = self._sequential_times()
+        if not times:
+            raise VideoDecodeError(self.label, "no decodable frames")
+        yield from self._windows_sequentially(_windows(times, num_frames, window_s, stride_s, self.fps), len(times))
+
+    def _times(self) -> list[float]:
+        """Presentation times of the shown frames, in seconds from the first."""
+        base, unit = self.shown[0], float(self.stream.time_base)
+        return [(pts - base) * unit for pts in self.shown]
+
+    def _sequential_times(self) -> list[float]:
+        times = []
+        with self._open() as container:
+            stream = self._best_stream(container)
+            self._configure(stream)
+            try:
+                for frame in container.decode(stream):
+                    self._check_cpu()
+                    times.append(float(frame.time) if frame.time is not None else len(times) / (self.fps or 1.0))
+                    if len(times) > self.limits.max_frames:
+                        raise VideoLimitError(self.label, "max_frames",
+                                              f"the video has over {self.limits.max_frames} frames")
+            except av.error.FFmpegError:
+                pass
+        return [t - times[0] for t in times] if times else []
+
+    def _windows_sequentially(self, windows: list, count: int) -> Iterator[SampledWindow]:
+        """One more pass in decode order, yielding each window once its last sampled frame has gone by."""
+        pending = {index: (begin, end, indices, {}) for index, begin, end, indices in windows}
+        position = 0
+        with self._open() as container:
+            stream = self._best_stream(container)
+            self._configure(stream)
+            try:
+                for frame in container.decode(stream):
+                    self.cpu_start = time.thread_time()
+                    for index in sorted(pending):
+                        begin, end, indices, taken = pending[index]
+                        if position in indices and position not in taken:
+                            taken[position] = self._to_rgb(frame)
+                        if indices[-1] <= position:
+                            del pending[index]
+                            yield SampledWindow(index, begin, end, self._result(taken, indices, count,
+                                                                                by_position=True))
+                    position += 1
+            except av.error.FFmpegError:
+                pass
+        if pending:
+            raise VideoDecodeError(self.label, "frames stopped decoding before the last window")
+
     def _decode_targets(self, indices: np.ndarray) -> dict[int, np.ndarray]:
         """For each group of targets: seek to its keyframe, decode up to its last target, drain the decoder."""
         keyframes = sorted((p.pts, i) for i, p in enumerate(self.packets) if p.keyframe)
@@ -261,7 +364,9 @@ class _PyAVReader:
             key = key_pts[max(0, bisect.bisect_right(key_pts, target) - 1)]
             groups.setdefault(key, []).append(target)
         got: dict[int, np.ndarray] = {}
-        context = self._configure(self.stream)
+        if self.context is None:
+            self.context = self._configure(self.stream)  # once: a codec's threads are fixed when it opens
+        context = self.context
         for key, targets in groups.items():
             self._decode_group(context, dict(keyframes)[key], set(targets), got)
             if not all(t in got for t in targets):
@@ -412,6 +517,21 @@ class _PyAVReader:
         if end < TRUNCATION_FRACTION * declared and declared - end > TRUNCATION_MIN_GAP_S:
             raise VideoDecodeError(
                 self.label, f"truncated: frames end at {end:.2f}s but the container declares {declared:.2f}s")
+
+
+def _windows(times: list[float], num_frames: int, window_s: float, stride_s: float,
+             fps: float) -> list[tuple[int, float, float, np.ndarray]]:
+    """(index, start, end, sampled frame indices) of each window of frames shown at `times` (seconds, sorted)."""
+    step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else (1.0 / fps if fps else 0.0)
+    duration = times[-1] + step
+    windows, start = [], 0.0
+    while start < duration or not windows:
+        low, high = bisect.bisect_left(times, start), bisect.bisect_left(times, start + window_s)
+        if high > low:
+            windows.append((len(windows), start, min(start + window_s, duration),
+                            low + sample_indices(high - low, num_frames)))
+        start += stride_s
+    return windows
 
 
 def _checked_source(source: VideoSource, label: str) -> str | bytes:

@@ -1,0 +1,66 @@
+"""Caption every video of a folder, bucket, glob or list on Ray: one caption per video, or per time window.
+
+    python jobs/caption.py      # the embedded default: the trained (or tiny) checkpoint on the synthetic test videos
+    python jobs/caption.py --videos DIR_OR_URI_OR_GLOB_OR_LIST --output OUT [--checkpoint C] [key=value ...]
+    python jobs/caption.py --videos talks/ --output out/ caption.window_seconds=10   # long videos: 10 s windows
+    ray job submit --working-dir . -- python jobs/caption.py --videos s3://bucket/raw --output s3://bucket/captions
+
+Writes Parquet parts, captions.jsonl, errors.jsonl and manifest.json to --output (see stgpt/captioning.py).
+Re-running into the same output resumes. Exit status: 0 done; 1 done, with errors for some videos; 2 nothing done
+(bad arguments, no such input, or an output made with other settings: --overwrite replaces it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/caption.py` from a checkout
+
+from stgpt.captioning import CaptionError, VideoInput, caption_collection  # noqa: E402
+from stgpt.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
+from stgpt.evaluation import resolve_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", help="a folder or URI (recursive), a glob, or a .txt/.csv/.jsonl/.parquet list")
+    parser.add_argument("--output", help="output folder or URI (default: caption.output_dir)")
+    parser.add_argument("--checkpoint", help="checkpoint directory (readable from every node) or hub id")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="YAML config (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. caption.num_actors=4")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        import ray
+
+        ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
+        try:
+            videos: str | list[VideoInput] = args.videos or default_videos(cfg)
+            checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
+            if untrained:
+                print(f"no trained checkpoint under {cfg.train.output_dir}: captioning with an untrained tiny model")
+            summary = caption_collection(videos, args.output or cfg.caption.output_dir, checkpoint, cfg,
+                                         overwrite=args.overwrite)
+        finally:
+            ray.shutdown()
+    except (CaptionError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 1 if summary.errors else 0
+
+
+def default_videos(cfg) -> list[VideoInput]:
+    """The synthetic dataset's test videos (made if missing)."""
+    from stgpt.synthetic import make_synthetic_dataset
+
+    data = cfg.data
+    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
+                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
+    return [VideoInput(v, str(dataset.video_path(v).resolve())) for v in dataset.video_ids("test")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

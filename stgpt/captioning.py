@@ -1,0 +1,501 @@
+"""Caption a whole collection: every video of a folder, bucket, glob or list, one caption per video or per window.
+
+    inputs (sorted, cut into parts) -> Ray Data: from_items -> map_batches(decode_windows): CPU tasks, each video
+    decoded in an isolated child and streamed window by window -> map_batches(ModelActor): a pool that only runs
+    the model -> the driver writes each part once every video of it is in
+
+The output folder (local or any pyarrow URI) holds `part-00000.parquet`... (one row per window: `COLUMNS`) with
+`part-00000.errors.jsonl` beside each, then `captions.jsonl` (for people), `errors.jsonl` and `manifest.json`.
+Every input video ends as its captions or as one error record, exactly once: a part file is written whole (a
+temporary name, then renamed) and only when all its videos are done, so a killed run leaves whole parts, which
+a re-run keeps (when they hold the same videos) while it redoes the rest. A re-run with other settings that
+change the captions (checkpoint, generation, frames, windows) is refused unless `overwrite`.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from stgpt.annotations import VIDEO_EXTENSIONS
+from stgpt.config import Config, VideoConfig
+
+COLUMNS = ["video_id", "path", "window_index", "window_start_s", "window_end_s", "caption", "frame_indices",
+           "num_source_frames", "model", "generation"]
+SCHEMA = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("window_index", pa.int32()),
+                    ("window_start_s", pa.float64()), ("window_end_s", pa.float64()), ("caption", pa.string()),
+                    ("frame_indices", pa.list_(pa.int64())), ("num_source_frames", pa.int64()),
+                    ("model", pa.string()), ("generation", pa.string())])
+MANIFEST, CAPTIONS, ERRORS = "manifest.json", "captions.jsonl", "errors.jsonl"
+LIST_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
+
+
+class CaptionError(RuntimeError):
+    """The job cannot run as asked (bad input source, settings that differ from a finished run's)."""
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    video_id: str
+    path: str
+
+
+@dataclass
+class CaptionSummary:
+    output: str
+    videos: int
+    windows: int
+    captions: int
+    errors: int
+    kept_parts: int
+    written_parts: int
+    seconds: float
+    per_actor: dict[str, int] = field(default_factory=dict)
+
+    def format(self) -> str:
+        rate = self.videos / self.seconds if self.seconds else 0.0
+        actors = ", ".join(f"{n / self.seconds:.2f}/s" for n in self.per_actor.values()) if self.seconds else ""
+        return (f"{self.videos} videos: {self.captions} captions of {self.windows} windows, {self.errors} errors; "
+                f"{self.written_parts} parts written, {self.kept_parts} kept from an earlier run; "
+                f"{self.seconds:.1f} s ({rate:.2f} videos/s; captions per actor: {actors or '-'})\n"
+                f"-> {self.output}/{CAPTIONS}, {self.output}/{ERRORS}, {self.output}/{MANIFEST}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs: a folder or URI (recursive), a glob, or a list file.
+
+
+def list_inputs(source: str) -> tuple[list[VideoInput], list[dict]]:
+    """The videos `source` names, sorted by ID, and error records for what cannot be a video input.
+
+    A folder (local or URI) is listed recursively for every extension the reader supports; IDs are paths
+    relative to it without the extension. A glob matches files; a `.txt` lists paths (one a line, `#` comments);
+    a `.csv`, `.jsonl` or `.parquet` has a `path` column and optionally `video_id`. Relative paths in a list
+    are relative to the list's folder. Two inputs with one ID: the second is an error record.
+    """
+    text = os.fspath(source)
+    if text.lower().endswith(LIST_SUFFIXES) and not _is_dir(text):
+        pairs = _read_list(text)
+    elif any(ch in text for ch in "*?["):
+        pairs = _glob(text)
+    else:
+        pairs = _walk(text)
+    seen: dict[str, VideoInput] = {}
+    errors = []
+    for video_id, path in pairs:
+        if video_id in seen:
+            errors.append({"video_id": video_id, "path": path, "reason": f"a second input with this video ID "
+                                                                         f"(first: {seen[video_id].path})"})
+        else:
+            seen[video_id] = VideoInput(video_id, path)
+    return sorted(seen.values(), key=lambda v: v.video_id), errors
+
+
+def _filesystem(path: str) -> tuple[Any, str, bool]:
+    if "://" in path and not path.startswith("file://"):
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        return filesystem, inner, True
+    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://")), False
+
+
+def _is_dir(path: str) -> bool:
+    filesystem, inner, _ = _filesystem(path)
+    return filesystem.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def _is_video(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in VIDEO_EXTENSIONS and not name.startswith((".", "_"))
+
+
+def _walk(folder: str) -> list[tuple[str, str]]:
+    filesystem, inner, remote = _filesystem(folder)
+    info = filesystem.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise CaptionError(f"--videos {folder}: no such folder, glob or list file")
+    if info.type != pafs.FileType.Directory:
+        return [(posixpath.splitext(posixpath.basename(inner))[0], folder)]
+    root = inner.rstrip("/")
+    pairs = []
+    for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type != pafs.FileType.File or not _is_video(entry.base_name):
+            continue
+        relative = posixpath.relpath(entry.path, root) if remote else os.path.relpath(entry.path, root)
+        uri = f"{folder.rstrip('/')}/{relative}" if remote else entry.path
+        pairs.append((posixpath.splitext(relative.replace(os.sep, "/"))[0], uri))
+    return pairs
+
+
+def _glob(pattern: str) -> list[tuple[str, str]]:
+    if "://" in pattern and not pattern.startswith("file://"):
+        base = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)].rsplit("/", 1)[0]
+        return [(vid, path) for vid, path in _walk(base) if fnmatch.fnmatch(path, pattern)]
+    return [(Path(path).stem, os.path.abspath(path)) for path in sorted(glob.glob(pattern, recursive=True))
+            if os.path.isfile(path) and _is_video(os.path.basename(path))]
+
+
+def _read_list(path: str) -> list[tuple[str, str]]:
+    filesystem, inner, remote = _filesystem(path)
+    try:
+        with filesystem.open_input_stream(inner) as stream:
+            data = stream.read()
+    except FileNotFoundError:
+        raise CaptionError(f"--videos {path}: list file not found") from None
+    base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(inner))
+    lower = path.lower()
+    try:
+        if lower.endswith(".txt"):
+            rows = [{"path": line.strip()} for line in data.decode("utf-8").splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+        elif lower.endswith(".csv"):
+            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+        elif lower.endswith(".jsonl"):
+            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        else:
+            rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (UnicodeDecodeError, json.JSONDecodeError, pa.ArrowInvalid, csv.Error) as exc:
+        raise CaptionError(f"--videos {path}: not a readable list ({exc})") from None
+    pairs = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"].strip():
+            raise CaptionError(f"--videos {path}: entry {number} has no 'path' (a list needs a path column)")
+        video_path = row["path"].strip()
+        if "://" not in video_path and not os.path.isabs(video_path):
+            video_path = f"{base}/{video_path}" if remote else os.path.join(base, video_path)
+        video_id = row.get("video_id")
+        pairs.append((str(video_id) if video_id not in (None, "") else Path(video_path).stem, video_path))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two stages: decoding on CPU workers, captioning on the model actors.
+
+
+def decode_windows(batch: dict[str, np.ndarray], video: VideoConfig, window_s: float | None,
+                   stride_s: float | None) -> Iterator[dict[str, list]]:
+    """Ray Data stage (one video a call): its windows, one row each as they are read, then an `end` row; or
+    one `error` row. Decoding runs in an isolated child (a crash or a bomb is this video's error)."""
+    from stgpt.isolation import read_windows_isolated, sample_video_isolated
+    from stgpt.video import SampledWindow, VideoDecodeError
+
+    for video_id, path, part in zip(batch["video_id"], batch["path"], batch["part"]):
+        video_id, path, part = str(video_id), str(path), int(part)
+        count = 0
+        try:
+            source = _read_source(path)
+            if window_s is None:
+                sampled = sample_video_isolated(source, video, name=path)
+                windows: Any = [SampledWindow(0, 0.0, sampled.num_source_frames / sampled.fps if sampled.fps else 0.0,
+                                              sampled)]
+            else:
+                windows = read_windows_isolated(source, video, window_s, stride_s, name=path)
+            for window in windows:
+                frames = _centre_crop(window.video.frames, video.crop_size)
+                yield _row(video_id, path, part, "window", window=window.index, start=window.start_s,
+                           end=window.end_s, frames=frames.tobytes(), indices=window.video.indices.tolist(),
+                           num_source=window.video.num_source_frames)
+                count += 1
+        except (VideoDecodeError, OSError) as exc:
+            yield _row(video_id, path, part, "error", error=getattr(exc, "reason", None) or str(exc))
+            continue
+        yield _row(video_id, path, part, "end", window=count)
+
+
+def _row(video_id: str, path: str, part: int, kind: str, window: int = 0, start: float = 0.0, end: float = 0.0,
+         frames: bytes = b"", indices: Sequence[int] = (), num_source: int = 0, error: str = "") -> dict[str, list]:
+    return {"video_id": [video_id], "path": [path], "part": [part], "kind": [kind], "window_index": [window],
+            "window_start_s": [float(start)], "window_end_s": [float(end)], "frames": [frames],
+            "frame_indices": [list(indices)], "num_source_frames": [int(num_source)], "error": [error]}
+
+
+def _centre_crop(frames: np.ndarray, crop: int) -> np.ndarray:
+    """The centre `crop` square of frames already scaled to their short side (transforms.resize_and_crop's rule)."""
+    height, width = frames.shape[1:3]
+    if height < crop or width < crop:
+        from stgpt.transforms import resize_and_crop
+
+        return resize_and_crop(frames, crop, crop).numpy()
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return np.ascontiguousarray(frames[:, top:top + crop, left:left + crop])
+
+
+def _read_source(path: str) -> str | bytes:
+    if "://" not in path or path.startswith("file://"):
+        return path.removeprefix("file://")
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+class ModelActor:
+    """Ray Data callable class: loads the checkpoint once, captions the window rows of each batch, passes the
+    others through. It never decodes: the GPU (or its CPUs) only runs the model."""
+
+    def __init__(self, checkpoint: str, generation: dict[str, Any], use_gpu: bool = False,
+                 precision: str = "fp32", num_threads: int = 1):
+        import ray
+        import torch
+
+        from stgpt.inference import Captioner
+
+        torch.set_num_threads(max(1, num_threads))
+        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
+        self.generation = generation
+        self.actor = ray.get_runtime_context().get_actor_id() or "local"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        video = self.captioner.video
+        kinds = [str(k) for k in batch["kind"]]
+        errors = [str(e) for e in batch["error"]]
+        captions = [""] * len(kinds)
+        ready = [i for i, kind in enumerate(kinds) if kind == "window"]
+        if ready:
+            shape = (video.num_frames, video.crop_size, video.crop_size, 3)
+            frames = np.stack([np.frombuffer(batch["frames"][i], np.uint8).reshape(shape) for i in ready])
+            for i, text in zip(ready, self._caption(frames)):
+                if isinstance(text, Exception):
+                    kinds[i], errors[i] = "error", f"generation failed: {type(text).__name__}: {text}"[:500]
+                else:
+                    captions[i] = text
+        out = {key: list(batch[key]) for key in ("video_id", "path", "part", "window_index", "window_start_s",
+                                                 "window_end_s", "num_source_frames")}
+        out["frame_indices"] = [list(map(int, v)) for v in batch["frame_indices"]]
+        out.update(kind=kinds, error=errors, caption=captions, actor=[self.actor] * len(kinds))
+        return out
+
+    def _caption(self, frames: np.ndarray) -> list[str | Exception]:
+        try:
+            return list(self.captioner.caption_frames(frames, **self.generation))
+        except Exception:  # one bad window costs one caption: retry each alone
+            results: list[str | Exception] = []
+            for one in frames:
+                try:
+                    results.append(self.captioner.caption_frames(one[None], **self.generation)[0])
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# The output folder.
+
+
+class OutputFolder:
+    """The job's output through pyarrow.fs: whole files written under a temporary name, then renamed."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root, _ = _filesystem(uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def write(self, name: str, data: bytes) -> None:
+        temporary = self.path(f"_tmp-{uuid.uuid4().hex}-{name}")
+        with self.fs.open_output_stream(temporary) as out:
+            out.write(data)
+        self.fs.move(temporary, self.path(name))
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as stream:
+            return stream.read()
+
+    def clear(self) -> None:
+        self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+
+
+def _jsonl(records: Sequence[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def settings_of(checkpoint: str, cfg: Config) -> dict[str, Any]:
+    """What changes the captions: a re-run with other values is refused unless --overwrite."""
+    from stgpt.evaluation import generation_kwargs
+
+    video = cfg.video
+    return {"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
+            "num_frames": video.num_frames, "short_side": video.short_side, "crop_size": video.crop_size,
+            "window_seconds": cfg.caption.window_seconds,
+            "window_stride_seconds": cfg.caption.window_stride_seconds or cfg.caption.window_seconds}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job.
+
+
+def caption_collection(videos: str | list[VideoInput], output: str, checkpoint: str, cfg: Config,
+                       overwrite: bool = False, log: Callable[[str], None] = print) -> CaptionSummary:
+    """Caption every video of `videos` (a source `list_inputs` reads, or the inputs themselves) into `output`."""
+    import ray
+
+    from stgpt.evaluation import _actors_leaving_a_cpu, generation_kwargs
+
+    start = time.perf_counter()
+    ccfg = cfg.caption
+    inputs, listing_errors = list_inputs(videos) if isinstance(videos, str) else (sorted(videos, key=lambda v: v.video_id), [])
+    folder = OutputFolder(output)
+    settings = settings_of(checkpoint, cfg)
+    if folder.exists(MANIFEST):
+        previous = json.loads(folder.read(MANIFEST)).get("settings")
+        if previous != settings:
+            if not overwrite:
+                changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+                raise CaptionError(f"{output} holds captions made with other settings ({', '.join(changed)}): "
+                                   "use another --output, or --overwrite to replace them")
+            folder.clear()
+    elif overwrite:
+        folder.clear()
+    size = max(1, ccfg.videos_per_part)
+    parts = [inputs[i:i + size] for i in range(0, len(inputs), size)]
+    kept = {k for k, videos_k in enumerate(parts) if _part_is_done(folder, k, videos_k)}
+    todo = [(k, v) for k, videos_k in enumerate(parts) if k not in kept for v in videos_k]
+    folder.write(MANIFEST, json.dumps({"settings": settings, "status": "running", "videos": len(inputs),
+                                       "parts": len(parts)}, indent=2).encode())
+    log(f"{len(inputs)} videos in {len(parts)} parts: {len(kept)} already done, {len(todo)} videos to caption "
+        f"with {checkpoint}")
+    per_actor: Counter = Counter()
+    written = 0
+    if todo:
+        num_actors = _actors_leaving_a_cpu(ccfg.num_actors, ccfg.cpus_per_actor, log)
+        items = [{"video_id": v.video_id, "path": v.path, "part": k} for k, v in todo]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * num_actors)))
+        # Decoding stays a CPU task stage of its own: Ray Data fuses a task stage into the actor stage after it
+        # when their remote args match, and the model actors would then decode. max_retries makes them differ
+        # (a decode task lost with its worker is retried; a bad video is already an error row, not a failure).
+        dataset = dataset.map_batches(decode_windows, batch_size=1, num_cpus=1, max_retries=3, fn_kwargs={
+            "video": cfg.video, "window_s": ccfg.window_seconds, "stride_s": ccfg.window_stride_seconds})
+        dataset = dataset.map_batches(
+            ModelActor, fn_constructor_kwargs={"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
+                                               "use_gpu": ccfg.use_gpu, "precision": ccfg.precision,
+                                               "num_threads": max(1, int(ccfg.cpus_per_actor))},
+            batch_size=ccfg.batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=1 if ccfg.use_gpu else 0, num_cpus=ccfg.cpus_per_actor)
+        collector = _PartCollector(folder, {k: parts[k] for k in {k for k, _ in todo}}, settings)
+        for row in dataset.iter_rows():
+            if row["kind"] == "window" and row["actor"]:
+                per_actor[row["actor"]] += 1
+            written += collector.add(row)
+        collector.finish()
+    return _finish(folder, parts, listing_errors, settings, len(kept), written, time.perf_counter() - start,
+                   dict(per_actor))
+
+
+def _part_is_done(folder: OutputFolder, part: int, videos: list[VideoInput]) -> bool:
+    name = _part_name(part)
+    if not (folder.exists(name) and folder.exists(_errors_name(part))):
+        return False
+    metadata = pq.read_schema(pa.BufferReader(folder.read(name))).metadata or {}
+    return json.loads(metadata.get(b"stgpt", b"{}")).get("videos") == [v.video_id for v in videos]
+
+
+def _part_name(part: int) -> str:
+    return f"part-{part:05d}.parquet"
+
+
+def _errors_name(part: int) -> str:
+    return f"part-{part:05d}.errors.jsonl"
+
+
+class _PartCollector:
+    """Gathers the stream's rows by part; writes a part (captions, then its errors) once all its videos are in."""
+
+    def __init__(self, folder: OutputFolder, parts: dict[int, list[VideoInput]], settings: dict):
+        self.folder, self.parts, self.settings = folder, parts, settings
+        self.windows: dict[str, list[dict]] = defaultdict(list)
+        self.expected: dict[str, int] = {}
+        self.errors: dict[str, dict] = {}
+        self.model = posixpath.basename(settings["checkpoint"].rstrip("/")) or settings["checkpoint"]
+
+    def add(self, row: dict) -> int:
+        video_id = row["video_id"]
+        if row["kind"] == "window":
+            self.windows[video_id].append(row)
+        elif row["kind"] == "end":
+            self.expected[video_id] = int(row["window_index"])
+        elif video_id not in self.errors:
+            self.errors[video_id] = {"video_id": video_id, "path": row["path"], "reason": row["error"]}
+        part = int(row["part"])
+        if part in self.parts and all(self._done(v.video_id) for v in self.parts[part]):
+            self._write(part)
+            return 1
+        return 0
+
+    def _done(self, video_id: str) -> bool:
+        if video_id in self.errors:
+            return True
+        return video_id in self.expected and len(self.windows[video_id]) == self.expected[video_id]
+
+    def _write(self, part: int) -> None:
+        videos = self.parts.pop(part)
+        generation = json.dumps(self.settings["generation"], sort_keys=True)
+        rows, errors = [], []
+        for video in videos:
+            if video.video_id in self.errors:  # a video with an error is that error, not some of its windows
+                errors.append(self.errors.pop(video.video_id))
+            elif not self.windows.get(video.video_id):
+                errors.append({"video_id": video.video_id, "path": video.path, "reason": "no frames in any window"})
+            for window in sorted(self.windows.pop(video.video_id, []), key=lambda w: w["window_index"]):
+                if errors and errors[-1]["video_id"] == video.video_id:
+                    continue
+                rows.append({"video_id": video.video_id, "path": video.path,
+                             "window_index": int(window["window_index"]),
+                             "window_start_s": float(window["window_start_s"]),
+                             "window_end_s": float(window["window_end_s"]), "caption": window["caption"],
+                             "frame_indices": [int(i) for i in window["frame_indices"]],
+                             "num_source_frames": int(window["num_source_frames"]), "model": self.model,
+                             "generation": generation})
+            self.expected.pop(video.video_id, None)
+        metadata = {"stgpt": json.dumps({"videos": [v.video_id for v in videos], "rows": len(rows),
+                                         "errors": len(errors)})}
+        table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.folder.write(_errors_name(part), _jsonl(errors))  # first: a part file means both are there
+        self.folder.write(_part_name(part), sink.getvalue().to_pybytes())
+
+    def finish(self) -> None:
+        if self.parts:
+            missing = sorted(v.video_id for videos in self.parts.values() for v in videos if not self._done(v.video_id))
+            raise RuntimeError(f"the pipeline ended with {len(missing)} videos unaccounted for: {missing[:5]}")
+
+
+def _finish(folder: OutputFolder, parts: list[list[VideoInput]], listing_errors: list[dict], settings: dict,
+            kept: int, written: int, seconds: float, per_actor: dict[str, int]) -> CaptionSummary:
+    """captions.jsonl and errors.jsonl from every part, the accounting checked, the manifest marked done."""
+    captions, errors = [], list(listing_errors)
+    for k in range(len(parts)):
+        table = pq.read_table(pa.BufferReader(folder.read(_part_name(k))))
+        captions += table.to_pylist()
+        errors += [json.loads(line) for line in folder.read(_errors_name(k)).decode().splitlines() if line]
+    captioned = {row["video_id"] for row in captions}
+    failed = Counter(e["video_id"] for e in errors if e not in listing_errors)
+    expected = {v.video_id for videos in parts for v in videos}
+    if captioned & set(failed) or any(n > 1 for n in failed.values()) or captioned | set(failed) != expected:
+        raise RuntimeError("accounting failed: every video must be captions or one error")  # pragma: no cover
+    folder.write(CAPTIONS, _jsonl([{k: row[k] for k in ("video_id", "window_start_s", "window_end_s", "caption")}
+                                   for row in captions]))
+    folder.write(ERRORS, _jsonl(errors))
+    summary = CaptionSummary(folder.uri, len(expected), len(captions), len(captions), len(errors), kept, written,
+                             seconds, per_actor)
+    folder.write(MANIFEST, json.dumps({"settings": settings, "status": "done", **{
+        k: v for k, v in asdict(summary).items() if k not in ("output", "per_actor")}}, indent=2).encode())
+    return summary
+
