@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         import ray
 
-        ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
+        started = not ray.is_initialized()
+        if started:
+            ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
         try:
             videos: str | list[VideoInput] = args.videos or default_videos(cfg)
             checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = caption_collection(videos, args.output or cfg.caption.output_dir, checkpoint, cfg,
                                          overwrite=args.overwrite)
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     except (CaptionError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
