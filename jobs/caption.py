@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/caption.py` from a checkout
 
-from stgpt.captioning import CaptionError, VideoInput, caption_collection  # noqa: E402
+from stgpt.captioning import CaptionError, VideoInput, caption_collection, synthetic_test_inputs  # noqa: E402
 from stgpt.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
 from stgpt.evaluation import resolve_checkpoint  # noqa: E402
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if started:
             ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
         try:
-            videos: str | list[VideoInput] = args.videos or default_videos(cfg)
+            videos: str | list[VideoInput] = args.videos or synthetic_test_inputs(cfg)
             checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
             if untrained:
                 print(f"no trained checkpoint under {cfg.train.output_dir}: captioning with an untrained tiny model")
@@ -53,16 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.format())
     return 1 if summary.errors else 0
-
-
-def default_videos(cfg) -> list[VideoInput]:
-    """The synthetic dataset's test videos (made if missing)."""
-    from stgpt.synthetic import make_synthetic_dataset
-
-    data = cfg.data
-    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
-                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
-    return [VideoInput(v, str(dataset.video_path(v).resolve())) for v in dataset.video_ids("test")]
 
 
 if __name__ == "__main__":

@@ -181,6 +181,16 @@ def _read_list(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def synthetic_test_inputs(cfg: Config) -> list[VideoInput]:
+    """The embedded default: the synthetic dataset's test videos (made under `data.root` if missing)."""
+    from stgpt.synthetic import make_synthetic_dataset
+
+    data = cfg.data
+    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
+                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
+    return [VideoInput(v, str(dataset.video_path(v).resolve())) for v in dataset.video_ids("test")]
+
+
 # --------------------------------------------------------------------------------------------------------
 # The two stages: decoding on CPU workers, captioning on the model actors.
 
