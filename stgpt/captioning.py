@@ -276,7 +276,7 @@ class ModelActor:
         if ready:
             shape = (video.num_frames, video.crop_size, video.crop_size, 3)
             frames = np.stack([np.frombuffer(batch["frames"][i], np.uint8).reshape(shape) for i in ready])
-            for i, text in zip(ready, self._caption(frames)):
+            for i, text in zip(ready, self.captioner.caption_each(frames, **self.generation)):
                 if isinstance(text, Exception):
                     kinds[i], errors[i] = "error", f"generation failed: {type(text).__name__}: {text}"[:500]
                 else:
@@ -286,18 +286,6 @@ class ModelActor:
         out["frame_indices"] = [list(map(int, v)) for v in batch["frame_indices"]]
         out.update(kind=kinds, error=errors, caption=captions, actor=[self.actor] * len(kinds))
         return out
-
-    def _caption(self, frames: np.ndarray) -> list[str | Exception]:
-        try:
-            return list(self.captioner.caption_frames(frames, **self.generation))
-        except Exception:  # one bad window costs one caption: retry each alone
-            results: list[str | Exception] = []
-            for one in frames:
-                try:
-                    results.append(self.captioner.caption_frames(one[None], **self.generation)[0])
-                except Exception as exc:
-                    results.append(exc)
-            return results
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -236,19 +236,7 @@ class CaptionActor:
         return frames
 
     def _caption(self, frames: list[np.ndarray]) -> list[str | Exception]:
-        """One beam search over the batch; if it fails, each video alone, so one bad input costs one caption."""
-        if not frames:
-            return []
-        try:
-            return list(self.captioner.caption_frames(np.stack(frames), **self.generation))
-        except Exception:
-            results: list[str | Exception] = []
-            for one in frames:
-                try:
-                    results.append(self.captioner.caption_frames(one[None], **self.generation)[0])
-                except Exception as exc:
-                    results.append(exc)
-            return results
+        return self.captioner.caption_each(np.stack(frames), **self.generation) if frames else []
 
 
 def _read_source(path: str) -> str | bytes:

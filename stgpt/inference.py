@@ -45,6 +45,20 @@ class Captioner:
         with autocast(self.device, self.precision):
             return generate_captions(self.bundle, pixel_values, **generation)
 
+    def caption_each(self, frames: np.ndarray, **generation) -> list[str | Exception]:
+        """`caption_frames` for a batch in one beam search; if that fails, each video alone, so one bad input
+        costs its own caption (an exception in its place) and not the batch's. For the batch jobs' actors."""
+        try:
+            return list(self.caption_frames(frames, **generation))
+        except Exception:
+            results: list[str | Exception] = []
+            for one in frames:
+                try:
+                    results.append(self.caption_frames(one[None], **generation)[0])
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
     def caption_video(self, source: VideoSource, name: str | None = None, **generation) -> Caption:
         """Decode, sample and caption one video (a path or bytes)."""
         sampled = sample_video(source, self.video, name=name)
