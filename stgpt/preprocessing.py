@@ -70,6 +70,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -791,14 +792,21 @@ class RunLock:
 
     Created atomically on local disks (a hard link of a complete file, which fails if the lock exists); object
     stores have no create-if-absent in pyarrow, so there the lock is written and read back, which catches all
-    but a near-simultaneous start. A lock left by a run that is gone (its host is this one and its pid is no
-    longer running) is taken over; one from another host is refused, with the file to delete if no run is left.
+    but a near-simultaneous start. The holder rewrites its `heartbeat` every `HEARTBEAT_S`. A lock is stale,
+    and taken over, when its process is gone (same host, pid not running) or, from another host, when its
+    heartbeat is older than `STALE_AFTER_S` (a driver killed on a node or pod that is gone; clocks are assumed
+    to agree within minutes). Otherwise the run is refused, naming the holder and the file.
     """
+
+    HEARTBEAT_S = 30.0
+    STALE_AFTER_S = 600.0
 
     def __init__(self, folder: OutputFolder, log: Callable[[str], None] = print):
         self.folder, self.log = folder, log
         self.record = {"token": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time()}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> RunLock:
         if not self._create():
@@ -811,13 +819,29 @@ class RunLock:
             self.log(f"taking over the lock of an earlier run that is gone (pid {holder.get('pid')} on "
                      f"{holder.get('host')})")
             self.folder.write_json(LOCK_FILE, self.record)
-        if (self.folder.read_json(LOCK_FILE) or {}).get("token") != self.record["token"]:
+        if not self._mine():
             raise PreprocessError(f"{self.folder.uri}: another preprocessing run took the lock at the same time")
+        self._beat = threading.Thread(target=self._heartbeat, name="preprocess-lock", daemon=True)
+        self._beat.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if (self.folder.read_json(LOCK_FILE) or {}).get("token") == self.record["token"]:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self._mine():
             self.folder.delete(LOCK_FILE)
+
+    def _mine(self) -> bool:
+        return (self.folder.read_json(LOCK_FILE) or {}).get("token") == self.record["token"]
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                if self._mine():
+                    self.folder.write_json(LOCK_FILE, {**self.record, "heartbeat": time.time()})
+            except OSError:  # a storage hiccup: the next beat tries again
+                pass
 
     def _create(self) -> bool:
         data = json.dumps(self.record).encode()
@@ -837,10 +861,12 @@ class RunLock:
         self.folder.write_bytes(LOCK_FILE, data)
         return True
 
-    @staticmethod
-    def _gone(holder: dict) -> bool:
+    def _gone(self, holder: dict) -> bool:
+        if not holder:  # vanished or unreadable
+            return True
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-            return not holder  # unreadable or vanished: free; another host's run cannot be checked from here
+            beat = holder.get("heartbeat")
+            return isinstance(beat, (int, float)) and time.time() - beat > self.STALE_AFTER_S
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:

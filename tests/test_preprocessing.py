@@ -384,17 +384,28 @@ def test_a_second_run_on_the_same_output_is_refused(data, tmp_path):
     folder.write_json(preprocessing.LOCK_FILE, lock)
     with pytest.raises(PreprocessError, match=rf"in use by another preprocessing run \(pid {os.getpid()} on host"):
         preprocess([source], output, config(), progress=False, log=quiet)
-    folder.write_json(preprocessing.LOCK_FILE, {**lock, "host": "another-host"})
+    folder.write_json(preprocessing.LOCK_FILE, {**lock, "host": "another-host", "heartbeat": time.time() - 60})
     with pytest.raises(PreprocessError, match=r"another-host.*delete .*_lock\.json"):
         preprocess([source], output, config(), progress=False, log=quiet)
     assert not list(output.glob("*.parquet")) and not list(output.glob("*manifest*"))  # nothing touched
+
+    # stale: another host's run that stopped beating, or a process that is gone on this host
+    folder.write_json(preprocessing.LOCK_FILE, {**lock, "host": "another-host", "heartbeat": time.time() - 3600})
+    with preprocessing.RunLock(folder, log=quiet):
+        pass
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid is free now
     folder.write_json(preprocessing.LOCK_FILE, {**lock, "pid": gone.pid})
     lock_obj = preprocessing.RunLock(folder, log=quiet)
+    lock_obj.HEARTBEAT_S = 0.05
     with lock_obj:
         assert folder.read_json(preprocessing.LOCK_FILE)["token"] == lock_obj.record["token"]
+        beat = folder.read_json(preprocessing.LOCK_FILE)["heartbeat"]
+        deadline = time.monotonic() + 30
+        while folder.read_json(preprocessing.LOCK_FILE)["heartbeat"] == beat:  # the holder keeps it fresh
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         with pytest.raises(PreprocessError, match="in use by another preprocessing run"):
             preprocessing.RunLock(folder, log=quiet).__enter__()
     assert not folder.exists(preprocessing.LOCK_FILE)  # released at the end
