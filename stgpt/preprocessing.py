@@ -22,7 +22,7 @@ its error records in the Parquet key-value metadata `stgpt` (with the node that 
 took). A shard's metadata holds its part's errors, so shards alone account for every video; `<split>-errors.jsonl`
 gathers them at the end of each run. A re-run skips shards that exist and pieces already in `_work/` if they
 were made from the same inputs: each shard and piece stores a digest of its videos' captions and the file found
-for each (resolved path, size, modification time; pyarrow's FileInfo has no etag, so object stores are compared
+for each (file name, size, modification time; pyarrow's FileInfo has no etag, so object stores are compared
 by size and time too), so fixed captions, a clip downloaded since, or a replaced file redo exactly the parts
 they touch. A run killed at any point leaves only whole files, so the resumed output has one row or error per
 video. `<split>-manifest.json` records the settings that fix the partitioning; a re-run with other settings
@@ -133,7 +133,7 @@ class Piece:
     paths: tuple[str | None, ...]  # None: no file for this video
     captions: tuple[tuple[str, ...], ...]
     videos: str = ""  # the folder searched, to name a missing video's expected path in its error record
-    reasons: tuple[str, ...] = ()  # per video with no path: why (not found, a link leading outside, ...)
+    reasons: tuple[str, ...] = ()  # per video: why it has no path (not found, a link leading outside, ...), or ""
     inputs: str = ""  # digest of what the piece is made from (`SplitPlan.inputs_digest`)
     part_inputs: str = ""  # the same for its whole part, stored in the shard
 
@@ -195,19 +195,22 @@ class SplitPlan:
                 split=self.split, part=part, num_parts=self.num_parts, piece=index, num_pieces=len(chunks),
                 video_ids=tuple(chunk), paths=tuple(self.paths.get(v) for v in chunk),
                 captions=tuple(tuple(self.captions[v]) for v in chunk), videos=self.source.videos,
-                reasons=tuple(self.rejected.get(v, MISSING_VIDEO) for v in chunk),
+                reasons=tuple("" if v in self.paths else self.rejected.get(v, MISSING_VIDEO) for v in chunk),
                 inputs=self.inputs_digest(chunk), part_inputs=self.inputs_digest(ids),
             )
             for index, chunk in enumerate(chunks)
         ]
 
     def inputs_digest(self, video_ids: Sequence[str]) -> str:
-        """What rows of these videos are made from: captions, the file found (path, size, modification time)
-        or why none was. A finished shard or piece whose digest differs from this run's is made again."""
+        """What rows of these videos are made from: captions, the file found (name, size, modification time)
+        or why none was. A finished shard or piece whose digest differs from this run's is made again. The name,
+        not the whole path: the same folder reached by another path (a copy of the working directory under
+        `ray job submit`, a mount point) is the same input."""
         entries = []
         for video_id in video_ids:
             found = self.files.get(video_id)
-            where = [found.path, found.size, found.mtime_ns] if found else self.rejected.get(video_id, MISSING_VIDEO)
+            where = ([posixpath.basename(found.path), found.size, found.mtime_ns] if found
+                     else self.rejected.get(video_id, MISSING_VIDEO))
             entries.append([video_id, self.captions[video_id], where])
         return hashlib.sha256(json.dumps(entries).encode("ascii")).hexdigest()
 
@@ -419,7 +422,8 @@ class PiecePreprocessor:
         reasons = piece.reasons or (MISSING_VIDEO,) * len(piece.video_ids)
         for video_id, path, captions, why in zip(piece.video_ids, piece.paths, piece.captions, reasons):
             if path is None:
-                errors.append(_error(piece, video_id, f"{piece.videos.rstrip('/')}/{video_id}.mp4", why))
+                errors.append(_error(piece, video_id, f"{piece.videos.rstrip('/')}/{video_id}.mp4",
+                                     why or MISSING_VIDEO))
                 continue
             try:
                 row = decode(path, self.video, self.encoding, self.jpeg_quality, name=path)
