@@ -6,7 +6,8 @@
 
 Needs the yt-dlp executable (`pip install yt-dlp`) and ffmpeg on every node. Clips already in the folder are
 skipped, videos YouTube reports gone are recorded in <videos>/unavailable.jsonl and not asked for again,
-transient failures are retried. Exit status: 0 when every clip is there or known unavailable; 1 when some
+transient failures are retried; IDs that are not VATEX clip IDs (<11-character YouTube ID>_<start>_<end>) are
+never asked for and are recorded there with the reason. Exit status: 0 when every clip is there or known unavailable; 1 when some
 still failed after retries (listed in <videos>/failed.jsonl: run again later); 2 on bad input or set-up.
 """
 from __future__ import annotations

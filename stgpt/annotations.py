@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -148,22 +149,58 @@ def save_predictions(predictions: Mapping[str, str], path: str | os.PathLike) ->
 # Finding videos.
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """A video found for an ID: where it is (reopenable, see `find_videos`), its size and modification time."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class VideoListing:
+    """What `find_video_files` found: files by ID, IDs with none (input order), and why some files were refused."""
+
+    found: dict[str, VideoFile]
+    missing: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)  # ID -> why its file is not a video (links, non-files)
+
+    def reason(self, video_id: str) -> str:
+        """The error-record reason for a missing ID: "not found", or why the file there was refused."""
+        return self.rejected.get(video_id, MISSING_VIDEO)
+
+
 def find_videos(
     video_ids: Iterable[str], folder: str | os.PathLike, filesystem: Any = None
 ) -> tuple[dict[str, str], list[str]]:
-    """Map video IDs to ``<id><extension>`` files in `folder`: (found, missing).
+    """Map video IDs to ``<id><extension>`` files in `folder`: (found paths, missing IDs).
+
+    See `find_video_files` for the rules; a refused file (a link leading outside the folder, ...) is missing here.
+    """
+    listing = find_video_files(video_ids, folder, filesystem)
+    return {video_id: video.path for video_id, video in listing.found.items()}, listing.missing
+
+
+def find_video_files(video_ids: Iterable[str], folder: str | os.PathLike, filesystem: Any = None) -> VideoListing:
+    """Find the ``<id><extension>`` file of each video ID in `folder`, with its size and modification time.
 
     IDs match file names exactly; the extension is any of `VIDEO_EXTENSIONS`, in any case (``.MP4``); when an ID
     has several files, the one whose extension comes first there wins (``.mp4`` over ``.webm`` over ``.mkv``).
 
-    The folder is listed once (no per-file stat), so this is cheap on object stores. `folder` is a local path
-    or a URI (``s3://bucket/videos``, ``gs://...``, ``file:///...``) opened with
+    A video is a regular file directly in the folder. A symbolic link counts only where it resolves to a regular
+    file inside the folder (its path is then the resolved one, so what is checked is what is read); a link that
+    leads outside, dangles or loops, and anything that is not a regular file (a folder, a FIFO, a device), is not
+    a video: its ID is missing, with the reason in `rejected`. Nothing is opened or read here.
+
+    The folder is listed once (no per-file request on object stores, which have no links). `folder` is a local
+    path or a URI (``s3://bucket/videos``, ``gs://...``, ``file:///...``) opened with
     `pyarrow.fs.FileSystem.from_uri`, or a path within `filesystem` when one is given.
 
-    Paths in `found` can be opened again: local files as plain absolute paths (what decord and PyAV take),
-    other filesystems as full URIs; `pyarrow.fs.FileSystem.from_uri(path)` accepts both. With `filesystem`
-    given, they are paths within it. `missing` lists the IDs with no video, in input order, once each.
-    A folder that does not exist raises FileNotFoundError (a wrong folder is not "all videos missing").
+    Paths found can be opened again: local files as plain absolute paths (what decord and PyAV take), other
+    filesystems as full URIs; `pyarrow.fs.FileSystem.from_uri(path)` accepts both. With `filesystem` given, they
+    are paths within it. A folder that does not exist raises FileNotFoundError (a wrong folder is not "all videos
+    missing").
     """
     from pyarrow import fs as pafs
 
@@ -173,28 +210,66 @@ def find_videos(
     else:
         filesystem, base, make_path = _resolve_folder(folder_text)
     try:  # the one listing; raises for a folder that is missing or a file
-        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            by_name, refused = _list_local(base)
+        else:
+            by_name, refused = {}, {}
+            for entry in filesystem.get_file_info(pafs.FileSelector(base, recursive=False)):
+                stem, extension = posixpath.splitext(entry.base_name)
+                if entry.type == pafs.FileType.File and extension.lower() in VIDEO_EXTENSIONS:
+                    path = make_path(entry.path) if make_path else entry.path
+                    by_name.setdefault(stem + extension.lower(), VideoFile(path, entry.size, entry.mtime_ns or 0))
     except FileNotFoundError as error:
         raise FileNotFoundError(f"video folder {folder_text} does not exist") from error
     except NotADirectoryError as error:
         raise NotADirectoryError(f"video folder {folder_text} is not a directory") from error
-    by_name: dict[str, str] = {}  # "<id><lower-case extension>" -> path
-    for entry in listing:
-        stem, extension = posixpath.splitext(entry.base_name)
-        if entry.type == pafs.FileType.File and extension.lower() in VIDEO_EXTENSIONS:
-            by_name.setdefault(stem + extension.lower(), entry.path)
 
-    found: dict[str, str] = {}
-    missing: list[str] = []
+    listing = VideoListing({}, [])
     for video_id in dict.fromkeys(video_ids):
         for extension in VIDEO_EXTENSIONS:
-            path = by_name.get(f"{video_id}{extension}")
-            if path is not None:
-                found[video_id] = make_path(path) if make_path else path
+            video = by_name.get(f"{video_id}{extension}")
+            if video is not None:
+                listing.found[video_id] = video
                 break
         else:
-            missing.append(video_id)
-    return found, missing
+            listing.missing.append(video_id)
+            reasons = [refused[name] for extension in VIDEO_EXTENSIONS if (name := f"{video_id}{extension}") in refused]
+            if reasons:
+                listing.rejected[video_id] = "; ".join(reasons)
+    return listing
+
+
+def _list_local(base: str) -> tuple[dict[str, VideoFile], dict[str, str]]:
+    """The video files of a local folder by "<stem><lower-case extension>", and the refused ones with why."""
+    real_base = os.path.realpath(base)
+    by_name: dict[str, VideoFile] = {}
+    refused: dict[str, str] = {}
+    with os.scandir(base) as entries:
+        for entry in entries:
+            stem, extension = posixpath.splitext(entry.name)
+            if extension.lower() not in VIDEO_EXTENSIONS:
+                continue
+            key = stem + extension.lower()
+            path, why = entry.path, None
+            try:
+                if entry.is_symlink():
+                    path = os.path.realpath(entry.path)
+                    if os.path.commonpath([real_base, path]) != real_base:
+                        why = f"{entry.name} is a symbolic link to {path}, outside the videos folder"
+                    info = os.stat(path)
+                else:
+                    info = entry.stat(follow_symlinks=False)
+                if why is None and not stat.S_ISREG(info.st_mode):
+                    why = f"{entry.name} is not a regular file"
+            except FileNotFoundError:
+                why = why or f"{entry.name} is a symbolic link to {path}, which does not exist"
+            except OSError as error:  # a link loop, no permission
+                why = why or f"{entry.name} cannot be examined ({error.strerror or error})"
+            if why is not None:
+                refused.setdefault(key, why)
+            elif key not in by_name:
+                by_name[key] = VideoFile(path, info.st_size, info.st_mtime_ns)
+    return by_name, refused
 
 
 def _resolve_folder(folder: str):
@@ -347,16 +422,63 @@ def _reject_duplicates(path, records: Sequence[_Record], what: str = "listed") -
 
 
 def _parse_json(path, data: bytes) -> Any:
+    """The parsed file; AnnotationError for bad UTF-8, bad JSON, numbers or nesting past Python's limits, and
+    text that is not valid Unicode (lone surrogates from ``\\ud800`` escapes, which no file or shard can hold)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{path}: JSON is not valid UTF-8 (byte {error.start})") from error
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise AnnotationError(
             f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
         ) from error
+    except ValueError as error:  # e.g. an integer past Python's int-from-string limit (4300 digits)
+        raise AnnotationError(f"{path}: unusable JSON value: {str(error)[:200]}") from error
+    except RecursionError:
+        raise AnnotationError(f"{path}: JSON nested too deeply to read") from None
+    place = _invalid_text(value)
+    if place is not None:
+        raise AnnotationError(f"{path}: {place}: text is not valid Unicode (a lone surrogate such as \\ud800)")
+    return value
+
+
+def _invalid_text(value: Any) -> str | None:
+    """Where the first string (key or value) that cannot be encoded as UTF-8 is, as "entry 3, 'enCap'[1]"; None
+    if there is none. Iterative, so no nesting json.loads accepts can overflow the stack here."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        item, place = stack.pop()
+        if isinstance(item, str):
+            items: Iterable = ()
+            texts = [item]
+        elif isinstance(item, dict):
+            texts = list(item)
+            items = ((v, (*place, k)) for k, v in item.items())
+        elif isinstance(item, list):
+            texts = []
+            items = ((v, (*place, i)) for i, v in enumerate(item))
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return _place_name(place, isinstance(value, list))
+        stack.extend(reversed(list(items)))
+    return None
+
+
+def _place_name(place: tuple, top_is_list: bool) -> str:
+    if not place:
+        return "the top-level value"
+    if top_is_list:
+        head, rest = f"entry {place[0]}", place[1:]
+    else:
+        head, rest = "", place
+    tail = "".join(f"[{key!r}]" for key in rest)
+    return f"{head}, {tail}" if head and tail else head or tail
 
 
 def _looks_like_json(path, data: bytes) -> bool:

@@ -7,11 +7,16 @@ sees 224x224 crops, so more is wasted bandwidth; a video with nothing that tall 
 `<videoID>.<ext>` (mp4 or webm) in the videos folder, which may be local or any pyarrow filesystem (s3://, gs://;
 on a cluster it must be storage every node sees).
 
+- Only IDs of exactly that form (an 11-character YouTube ID of `[A-Za-z0-9_-]`, six-digit times) are asked for,
+  and file names and yt-dlp's output template are built from them alone: no path separator, `..`, `%(...)s`,
+  NUL or overlong name from an annotation file reaches a path. Any other ID is recorded as unavailable, with why.
 - A clip already in the folder is skipped without starting a task.
 - A video YouTube reports as gone (unavailable, private, removed, ...) is recorded in `unavailable.jsonl` in the
   folder and not asked for again by later runs (unless `retry_unavailable`).
 - Anything else (timeouts, HTTP 429/5xx, a dropped connection) is retried up to `max_attempts` times with
   exponential backoff; what still fails is listed in `failed.jsonl` (rewritten each run) and retried next run.
+- Records are written as results come (appended locally; on object stores rewritten every few seconds), so a
+  killed run keeps them; each run ends by compacting both files.
 - Downloads land in a local temporary folder and are moved into place whole, so the folder never holds a
   partial clip.
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -63,22 +69,38 @@ class Clip:
         return f"https://www.youtube.com/watch?v={self.youtube_id}"
 
 
+# A YouTube video ID, and a VATEX clip ID: `<YouTube ID>_<start:06d>_<end:06d>` (ASCII only: no path separator,
+# `%`, NUL, dot or non-ASCII character can reach a file name or a yt-dlp output template).
+YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
+CLIP_ID = re.compile(r"(?P<youtube_id>[A-Za-z0-9_-]{11})_(?P<start>[0-9]{6})_(?P<end>[0-9]{6})")
+
+
 def parse_video_id(video_id: str) -> Clip:
-    """`Ptf_2VRj-V0_000122_000132` -> Clip(youtube_id="Ptf_2VRj-V0", start=122, end=132); ValueError otherwise."""
-    youtube_id, _, times = video_id.rpartition("_")
-    youtube_id, _, start = youtube_id.rpartition("_")
-    if not youtube_id or not start.isdigit() or not times.isdigit() or int(times) <= int(start):
-        raise ValueError(f"{video_id!r} is not a VATEX video ID (<YouTube ID>_<start>_<end>, end after start)")
-    return Clip(video_id, youtube_id, int(start), int(times))
+    """`Ptf_2VRj-V0_000122_000132` -> Clip(youtube_id="Ptf_2VRj-V0", start=122, end=132); ValueError otherwise.
+
+    Only IDs of exactly this form pass, so file names built from them are safe; the message shows the ID
+    escaped (`ascii`), so any text can be printed and recorded.
+    """
+    match = CLIP_ID.fullmatch(video_id) if isinstance(video_id, str) else None
+    if match is None or int(match["end"]) <= int(match["start"]):
+        shown = ascii(video_id)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(video_id)} characters)"
+        raise ValueError(f"{shown} is not a VATEX video ID (<11-character YouTube ID>_<start:06d>_<end:06d>, "
+                         f"end after start)")
+    return Clip(video_id, match["youtube_id"], int(match["start"]), int(match["end"]))
 
 
 def yt_dlp_command(executable: str, clip: Clip, folder: str, exact_cuts: bool = False) -> list[str]:
-    """The yt-dlp command line that saves `clip` as `<folder>/<videoID>.<ext>`."""
+    """The yt-dlp command line that saves `clip` as `<folder>/<videoID>.<ext>`.
+
+    The clip comes from `parse_video_id`, so its ID holds no `%` to expand; the folder's own `%` are escaped.
+    """
+    template = os.path.join(folder.replace("%", "%%"), f"{parse_video_id(clip.video_id).video_id}.%(ext)s")
     command = [
         executable, "--no-playlist", "--no-progress", "--no-overwrites",
         "-f", FORMAT,
         "--download-sections", f"*{clip.start}-{clip.end}",
-        "-o", os.path.join(folder, f"{clip.video_id}.%(ext)s"),
+        "-o", template,
     ]
     if exact_cuts:  # re-encodes around the cuts: frame-exact clips, at a CPU cost
         command.append("--force-keyframes-at-cuts")
@@ -87,7 +109,8 @@ def yt_dlp_command(executable: str, clip: Clip, folder: str, exact_cuts: bool = 
 
 @dataclass
 class DownloadResult:
-    """What became of one video: downloaded, present (already there), unavailable, or failed (retry later)."""
+    """What became of one video: downloaded, unavailable, invalid (not a VATEX ID: never asked for), or failed
+    (retry later)."""
 
     video_id: str
     status: str
@@ -109,7 +132,7 @@ def download_clip(
     try:
         clip = parse_video_id(video_id)
     except ValueError as exc:
-        return DownloadResult(video_id, "unavailable", reason=str(exc))
+        return DownloadResult(video_id, "invalid", reason=str(exc))
     destination = _Folder(folder)
     reason = ""
     for attempt in range(1, max_attempts + 1):
@@ -126,9 +149,14 @@ def download_clip(
             else:
                 output = _produced_file(staging, video_id)
                 if done.returncode == 0 and output:
-                    path = destination.put(output, f"{video_id}{os.path.splitext(output)[1]}")
-                    return DownloadResult(video_id, "downloaded", attempt, path=path)
-                reason = _error_text(done.stderr, done.stdout) or f"yt-dlp exited {done.returncode} with no file"
+                    try:
+                        path = destination.put(output, f"{clip.video_id}{os.path.splitext(output)[1].lower()}")
+                    except OSError as exc:  # disk full, permissions: this clip fails, the others go on
+                        reason = f"cannot store the clip ({exc})"[:500]
+                    else:
+                        return DownloadResult(video_id, "downloaded", attempt, path=path)
+                else:
+                    reason = _error_text(done.stderr, done.stdout) or f"yt-dlp exited {done.returncode} with no file"
                 if any(words in reason.lower() for words in PERMANENT_ERRORS):
                     return DownloadResult(video_id, "unavailable", attempt, reason=reason)
         finally:
@@ -178,19 +206,67 @@ class _Folder:
         return f"{self.uri.rstrip('/')}/{name}"
 
     def read_records(self, name: str) -> list[dict]:
+        """The records of a JSON-lines file, one per video (a later line for a video replaces an earlier one:
+        records are appended as they come, then compacted at the end of a run)."""
         try:
             with self.fs.open_input_stream(f"{self.root}/{name}") as stream:
-                text = stream.read().decode("utf-8")
+                text = stream.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records: dict[str, dict] = {}
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a killed run
+                continue
+            if isinstance(record, dict) and isinstance(record.get("video_id"), str):
+                records.pop(record["video_id"], None)
+                records[record["video_id"]] = record
+        return list(records.values())
 
     def write_records(self, name: str, records: Iterable[dict]) -> None:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        data = "".join(_record_line(r) for r in records).encode("utf-8")
         self.fs.create_dir(self.root, recursive=True)
         with self.fs.open_output_stream(f"{self.root}/.{name}.tmp") as stream:
             stream.write(data)
         self.fs.move(f"{self.root}/.{name}.tmp", f"{self.root}/{name}")
+
+
+def _record_line(record: dict) -> str:
+    return json.dumps(record) + "\n"  # ASCII escapes: any ID, however odd, can be written
+
+
+class _RecordLog:
+    """A records file kept current while a run goes on, so a killed run keeps what it recorded.
+
+    Locally each record is appended (and flushed) as it comes; object stores cannot append, so there the whole
+    file is rewritten, at most every `every_s` seconds. `close` writes the compacted file, sorted by ID.
+    """
+
+    def __init__(self, folder: _Folder, name: str, records: dict[str, dict], every_s: float = 10.0):
+        self.folder, self.name, self.records, self.every_s = folder, name, dict(records), every_s
+        self.written = time.monotonic()
+        self.dirty = False
+
+    def add(self, record: dict) -> None:
+        self.records[record["video_id"]] = record
+        if self.folder.local:
+            with open(f"{self.folder.root}/{self.name}", "a", encoding="utf-8") as stream:
+                stream.write(_record_line(record))
+        else:
+            self.dirty = True
+            if time.monotonic() - self.written >= self.every_s:
+                self._rewrite()
+
+    def discard(self, video_id: str) -> None:
+        self.records.pop(video_id, None)
+
+    def _rewrite(self) -> None:
+        self.folder.write_records(self.name, [self.records[v] for v in sorted(self.records)])
+        self.written, self.dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self._rewrite()
 
 
 @dataclass
@@ -203,11 +279,12 @@ class DownloadSummary:
     unavailable: int  # this run's and those recorded by earlier runs
     failed: list[DownloadResult]
     seconds: float
+    invalid: int = 0  # annotation rows whose ID is not a VATEX clip ID (recorded in unavailable.jsonl)
 
     def format(self) -> str:
         return (f"videos: {self.requested}; already there: {self.present}; downloaded: {self.downloaded}; "
-                f"unavailable: {self.unavailable}; failed after retries: {len(self.failed)} "
-                f"({self.seconds:.1f} s)")
+                f"unavailable: {self.unavailable} (of which not a valid video ID: {self.invalid}); "
+                f"failed after retries: {len(self.failed)} ({self.seconds:.1f} s)")
 
 
 def download_vatex(
@@ -227,7 +304,8 @@ def download_vatex(
     """Download every clip the annotation files name into `folder`, in parallel Ray tasks (one per video).
 
     At most `concurrency` downloads run at once (a polite bound for one client IP, not a CPU bound: a download
-    waits on the network, hence the small `num_cpus_per_task`).
+    waits on the network, hence the small `num_cpus_per_task`). An ID that is not a VATEX clip ID is never asked
+    for: it is recorded as unavailable (with why) and the others go on. Records are written as results come.
     """
     import ray
 
@@ -235,38 +313,54 @@ def download_vatex(
     video_ids = list(dict.fromkeys(a.video_id for path in annotation_files for a in load_annotations(path)))
     destination = _Folder(folder)
     destination.fs.create_dir(destination.root, recursive=True)
-    present, missing = find_videos(video_ids, folder)
+    invalid = {}
+    for video_id in video_ids:
+        try:
+            parse_video_id(video_id)
+        except ValueError as exc:
+            invalid[video_id] = {"video_id": video_id, "reason": str(exc)}
+    present, missing = find_videos([v for v in video_ids if v not in invalid], folder)
     known_gone = {r["video_id"]: r for r in destination.read_records(UNAVAILABLE_FILE) if r["video_id"] not in present}
+    gone = _RecordLog(destination, UNAVAILABLE_FILE, known_gone)
+    failed_log = _RecordLog(destination, FAILED_FILE, {})
+    for record in invalid.values():
+        log(f"skipped: {record['reason']}")
+        if known_gone.get(record["video_id"]) != record:
+            gone.add(record)
     todo = [v for v in missing if retry_unavailable or v not in known_gone]
     log(f"{len(video_ids)} videos: {len(present)} already there, {len(missing) - len(todo)} known unavailable, "
-        f"{len(todo)} to download")
+        f"{len(invalid)} not valid VATEX IDs (recorded, skipped), {len(todo)} to download")
 
     task = ray.remote(num_cpus=num_cpus_per_task, max_retries=0)(download_clip)
-    results: list[DownloadResult] = []
+    counts: Counter = Counter()
+    failed: list[DownloadResult] = []
     in_flight: list = []
     queue = list(reversed(todo))
-    while queue or in_flight:
-        while queue and len(in_flight) < concurrency:
-            in_flight.append(task.remote(queue.pop(), folder, executable, max_attempts, backoff_s, timeout_s,
-                                         exact_cuts))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        result = ray.get(ready[0])
-        results.append(result)
-        if result.status != "downloaded":
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < concurrency:
+                in_flight.append(task.remote(queue.pop(), folder, executable, max_attempts, backoff_s, timeout_s,
+                                             exact_cuts))
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            result = ray.get(ready[0])
+            counts[result.status] += 1
+            if result.status == "downloaded":
+                gone.discard(result.video_id)
+                continue
             log(f"{result.video_id}: {result.status} after {result.attempts} attempt(s): {result.reason}")
-
-    counts = Counter(r.status for r in results)
-    for result in results:
-        if result.status == "unavailable":
-            known_gone[result.video_id] = {"video_id": result.video_id, "reason": result.reason}
-        elif result.status == "downloaded":
-            known_gone.pop(result.video_id, None)
-    destination.write_records(UNAVAILABLE_FILE, [known_gone[v] for v in sorted(known_gone)])
-    failed = sorted((r for r in results if r.status == "failed"), key=lambda r: r.video_id)
-    destination.write_records(FAILED_FILE, [asdict(r) for r in failed])
-    unavailable = sum(1 for v in video_ids if v in known_gone)
+            if result.status == "failed":
+                failed.append(result)
+                failed_log.add(asdict(result))
+            else:  # unavailable (or invalid, should a caller pass one)
+                gone.add({"video_id": result.video_id, "reason": result.reason})
+    finally:  # also on an error or Ctrl-C: what was learnt is kept, compacted
+        gone.close()
+        failed_log.close()
+    failed.sort(key=lambda r: r.video_id)
+    unavailable = sum(1 for v in video_ids if v in gone.records)
     return DownloadSummary(requested=len(video_ids), present=len(present), downloaded=counts["downloaded"],
-                           unavailable=unavailable, failed=failed, seconds=time.perf_counter() - start)
+                           unavailable=unavailable, failed=failed, seconds=time.perf_counter() - start,
+                           invalid=len(invalid))
 
 
 def read_records(folder: str, name: str = UNAVAILABLE_FILE) -> list[dict[str, Any]]:

@@ -20,17 +20,22 @@ Nothing lost, nothing twice. Every video of a piece ends as a row or as an error
 found, empty, truncated, not a video, no decodable frames, ...), and the piece file carries both: its rows, and
 its error records in the Parquet key-value metadata `stgpt` (with the node that did the work and how long it
 took). A shard's metadata holds its part's errors, so shards alone account for every video; `<split>-errors.jsonl`
-gathers them at the end of each run. A re-run skips shards that exist and pieces already in `_work/`; a run
-killed at any point leaves only whole files, so the resumed output has one row or error per video.
-`<split>-manifest.json` records the settings that fix the partitioning; a re-run with other settings (another
-`rows_per_shard`, other frame settings, another annotation file) is refused rather than mixed, unless asked to
-overwrite. One run at a time per output folder: a run starts by clearing the temporary files in `_work/`.
+gathers them at the end of each run. A re-run skips shards that exist and pieces already in `_work/` if they
+were made from the same inputs: each shard and piece stores a digest of its videos' captions and the file found
+for each (file name, size, modification time; pyarrow's FileInfo has no etag, so object stores are compared
+by size and time too), so fixed captions, a clip downloaded since, or a replaced file redo exactly the parts
+they touch. A run killed at any point leaves only whole files, so the resumed output has one row or error per
+video. `<split>-manifest.json` records the settings that fix the partitioning; a re-run with other settings
+(another `rows_per_shard`, other frame settings, another annotation file) is refused rather than mixed, unless
+asked to overwrite. One run at a time per output folder (`_lock.json`, see `RunLock`): a run starts by clearing
+the temporary files in `_work/`.
 
 Output folder (local, or any filesystem pyarrow understands, e.g. ``s3://bucket/shards``):
 
     <split>-part-00000-of-00004.parquet   shards; metadata "stgpt": part, rows, errors, pieces (node, seconds)
     <split>-errors.jsonl                  {"video_id", "path", "reason", "split", "part"} per unusable video
     <split>-manifest.json                 partitioning and frame settings; status and counts after a run
+    _lock.json                            the run working on the folder (pid, host, start), while it runs
     _work/                                pieces of unfinished parts, temporary files (readers skip "_" names)
 
 Frame storage: JPEG, quality 95, chroma at full resolution (`preprocess.frame_encoding=jpeg`, the default).
@@ -65,6 +70,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -75,7 +81,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stgpt.annotations import MISSING_VIDEO, find_videos, load_annotations
+from stgpt.annotations import MISSING_VIDEO, VideoFile, find_video_files, load_annotations
 from stgpt.config import Config, PreprocessConfig, VideoConfig
 from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_file_name
 
@@ -83,6 +89,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = b"stgpt"
 WORK_DIR = "_work"
 ATTEMPTS_DIR = f"{WORK_DIR}/attempts"
+LOCK_FILE = "_lock.json"  # the run using the folder (readers skip "_" names)
 # JPEG/PNG bytes do not compress further; everything else is small and compresses well.
 _COMPRESSION = {name: ("none" if name == "frames" else "zstd") for name in SCHEMA.names}
 
@@ -126,6 +133,9 @@ class Piece:
     paths: tuple[str | None, ...]  # None: no file for this video
     captions: tuple[tuple[str, ...], ...]
     videos: str = ""  # the folder searched, to name a missing video's expected path in its error record
+    reasons: tuple[str, ...] = ()  # per video: why it has no path (not found, a link leading outside, ...), or ""
+    inputs: str = ""  # digest of what the piece is made from (`SplitPlan.inputs_digest`)
+    part_inputs: str = ""  # the same for its whole part, stored in the shard
 
     @property
     def file_name(self) -> str:
@@ -143,6 +153,7 @@ class Piece:
         raw["video_ids"] = tuple(raw["video_ids"])
         raw["paths"] = tuple(raw["paths"])
         raw["captions"] = tuple(tuple(c) for c in raw["captions"])
+        raw["reasons"] = tuple(raw.get("reasons", ()))
         return cls(**raw)
 
 
@@ -161,6 +172,8 @@ class SplitPlan:
     missing: list[str]
     rows_per_shard: int
     videos_per_task: int
+    files: dict[str, VideoFile] = field(default_factory=dict)  # the file found for each ID, with size and mtime
+    rejected: dict[str, str] = field(default_factory=dict)  # ID -> why the file there is not a video
 
     @property
     def split(self) -> str:
@@ -182,9 +195,24 @@ class SplitPlan:
                 split=self.split, part=part, num_parts=self.num_parts, piece=index, num_pieces=len(chunks),
                 video_ids=tuple(chunk), paths=tuple(self.paths.get(v) for v in chunk),
                 captions=tuple(tuple(self.captions[v]) for v in chunk), videos=self.source.videos,
+                reasons=tuple("" if v in self.paths else self.rejected.get(v, MISSING_VIDEO) for v in chunk),
+                inputs=self.inputs_digest(chunk), part_inputs=self.inputs_digest(ids),
             )
             for index, chunk in enumerate(chunks)
         ]
+
+    def inputs_digest(self, video_ids: Sequence[str]) -> str:
+        """What rows of these videos are made from: captions, the file found (name, size, modification time)
+        or why none was. A finished shard or piece whose digest differs from this run's is made again. The name,
+        not the whole path: the same folder reached by another path (a copy of the working directory under
+        `ray job submit`, a mount point) is the same input."""
+        entries = []
+        for video_id in video_ids:
+            found = self.files.get(video_id)
+            where = ([posixpath.basename(found.path), found.size, found.mtime_ns] if found
+                     else self.rejected.get(video_id, MISSING_VIDEO))
+            entries.append([video_id, self.captions[video_id], where])
+        return hashlib.sha256(json.dumps(entries).encode("ascii")).hexdigest()
 
     def fingerprint(self, video: VideoConfig, cfg: PreprocessConfig) -> dict[str, Any]:
         """What fixes the content of the shards: a re-run must match it to reuse finished files."""
@@ -208,9 +236,11 @@ def plan_split(source: SplitInput, rows_per_shard: int, videos_per_task: int) ->
     if not annotations:
         raise PreprocessError(f"{source.annotations}: the annotation file lists no videos")
     captions = {a.video_id: list(a.captions) for a in annotations}
-    paths, missing = find_videos(list(captions), source.videos)
-    return SplitPlan(source=source, video_ids=sorted(captions), captions=captions, paths=paths, missing=missing,
-                     rows_per_shard=rows_per_shard, videos_per_task=videos_per_task)
+    listing = find_video_files(list(captions), source.videos)
+    return SplitPlan(source=source, video_ids=sorted(captions), captions=captions,
+                     paths={v: f.path for v, f in listing.found.items()}, missing=listing.missing,
+                     rows_per_shard=rows_per_shard, videos_per_task=videos_per_task, files=listing.found,
+                     rejected=listing.rejected)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -227,6 +257,7 @@ class OutputFolder:
         target = self.uri if "://" in self.uri else os.path.abspath(self.uri)
         self.fs, self.root = pafs.FileSystem.from_uri(target)
         self.root = self.root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
         if create:
             for folder in (f"{WORK_DIR}/tmp", ATTEMPTS_DIR):
                 self.fs.create_dir(self.path(folder), recursive=True)
@@ -388,10 +419,11 @@ class PiecePreprocessor:
         isolated = self._begin_attempt(piece) > 0
         decode = preprocess_video_isolated if isolated else preprocess_video
         rows, errors = [], []
-        for video_id, path, captions in zip(piece.video_ids, piece.paths, piece.captions):
+        reasons = piece.reasons or (MISSING_VIDEO,) * len(piece.video_ids)
+        for video_id, path, captions, why in zip(piece.video_ids, piece.paths, piece.captions, reasons):
             if path is None:
                 errors.append(_error(piece, video_id, f"{piece.videos.rstrip('/')}/{video_id}.mp4",
-                                     MISSING_VIDEO))
+                                     why or MISSING_VIDEO))
                 continue
             try:
                 row = decode(path, self.video, self.encoding, self.jpeg_quality, name=path)
@@ -405,12 +437,13 @@ class PiecePreprocessor:
         report = {
             "piece": piece.piece, "num_pieces": piece.num_pieces, "rows": len(rows), "errors": errors,
             "node_id": self.node_id, "host": self.host, "seconds": round(time.perf_counter() - start, 3),
-            "isolated": isolated,
+            "isolated": isolated, "inputs": piece.inputs,
         }
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         if piece.num_pieces == 1:
             self.folder.write_parquet(piece.file_name, [table], part_metadata(piece.split, piece.part,
-                                                                             piece.num_parts, [report]))
+                                                                             piece.num_parts, [report],
+                                                                             piece.part_inputs))
         else:
             self.folder.write_parquet(piece.file_name, [table], {"format": FORMAT_VERSION, "split": piece.split,
                                                                  "part": piece.part, **report})
@@ -489,13 +522,15 @@ def _error(piece: Piece, video_id: str, path: str, reason: str) -> dict[str, Any
     return {"video_id": video_id, "path": path, "reason": reason, "split": piece.split, "part": piece.part}
 
 
-def part_metadata(split: str, part: int, num_parts: int, pieces: Sequence[dict]) -> dict[str, Any]:
-    """A shard's `stgpt` metadata: its part's counts and error records, and what each piece's worker reported."""
+def part_metadata(split: str, part: int, num_parts: int, pieces: Sequence[dict], inputs: str = "") -> dict[str, Any]:
+    """A shard's `stgpt` metadata: its part's counts and error records, what each piece's worker reported, and
+    the digest of its inputs (`SplitPlan.inputs_digest`)."""
     return {
         "format": FORMAT_VERSION,
         "split": split,
         "part": part,
         "num_parts": num_parts,
+        "inputs": inputs,
         "rows": sum(p["rows"] for p in pieces),
         "errors": [error for p in pieces for error in p["errors"]],
         "pieces": [{k: p[k] for k in ("piece", "rows", "node_id", "host", "seconds")} | {"errors": len(p["errors"])}
@@ -503,7 +538,8 @@ def part_metadata(split: str, part: int, num_parts: int, pieces: Sequence[dict])
     }
 
 
-def merge_part(output: str, split: str, part: int, num_parts: int, num_pieces: int) -> dict[str, Any]:
+def merge_part(output: str, split: str, part: int, num_parts: int, num_pieces: int,
+               inputs: str = "") -> dict[str, Any]:
     """Concatenate a part's piece files into its shard (one row group per piece), then delete the pieces."""
     folder = OutputFolder(output)
     names = [piece_file_name(split, part, piece, num_pieces) for piece in range(num_pieces)]
@@ -512,7 +548,7 @@ def merge_part(output: str, split: str, part: int, num_parts: int, num_pieces: i
         metadata = folder.read_metadata(shard)  # merged already (by a run that was stopped before it ended)
         return {"split": split, "part": part, "rows": metadata["rows"], "errors": len(metadata["errors"])}
     reports = [folder.read_metadata(name) for name in names]
-    metadata = part_metadata(split, part, num_parts, reports)
+    metadata = part_metadata(split, part, num_parts, reports, inputs)
     folder.write_parquet(shard, (folder.read_table(n) for n in names), metadata)
     for name in names:
         folder.delete(name)
@@ -619,9 +655,9 @@ def preprocess(
     place). An output made with other settings raises PreprocessError unless `overwrite`, which deletes that
     split's files first. `progress` switches Ray Data's progress bars (None leaves the current setting).
     Returns the summary; deciding what too many errors mean is the caller's (see `too_many_errors`).
+    Finished shards whose inputs changed (captions, the file found for a video) are made again; a second run on
+    the same output while one works raises PreprocessError (see `RunLock`).
     """
-    import ray
-
     pcfg = cfg.preprocess
     _check_settings(pcfg)
     names = [s.split for s in sources]
@@ -637,6 +673,15 @@ def preprocess(
                 f"{plan.source.videos}; they go to the errors file")
 
     folder = OutputFolder(output)
+    with RunLock(folder, log):
+        return _preprocess_locked(folder, plans, cfg, overwrite, progress, log)
+
+
+def _preprocess_locked(folder: OutputFolder, plans: list[SplitPlan], cfg: Config, overwrite: bool,
+                       progress: bool | None, log: Callable[[str], None]) -> PreprocessSummary:
+    import ray
+
+    pcfg = cfg.preprocess
     folder.clean_temporary()  # a new run: temporary files and attempt counts of earlier runs are void
     start = time.perf_counter()
     todo: list[Piece] = []
@@ -721,11 +766,118 @@ def _prepare_split(folder: OutputFolder, plan: SplitPlan, cfg: Config, overwrite
         "fingerprint": fingerprint, "status": "running", "annotations": plan.source.annotations,
         "videos": plan.source.videos, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    done_parts = {int(SHARD_NAME.match(n)["part"]) for n in shards}
-    wanted = {p.file_name for part in range(plan.num_parts) if part not in done_parts for p in plan.pieces(part)}
-    for name in pieces - wanted:
+    # A finished shard or piece is kept only if it was made from this run's inputs (captions, files found).
+    done_parts, changed = set(), []
+    for name in sorted(shards):
+        part = int(SHARD_NAME.match(name)["part"])
+        if _made_from(folder, name, plan.inputs_digest(plan.part_ids(part))):
+            done_parts.add(part)
+        else:
+            changed.append(name)
+    wanted = {p.file_name: p for part in range(plan.num_parts) if part not in done_parts for p in plan.pieces(part)}
+    changed += [name for name in sorted(pieces & set(wanted)) if not _made_from(folder, name, wanted[name].inputs)]
+    if changed:
+        log(f"{split}: making {len(changed)} finished shards or pieces again: their captions or video files "
+            f"changed since they were made")
+    for name in (pieces - set(wanted)) | set(changed):
         folder.delete(name)
-    return done_parts, pieces & wanted
+    return done_parts, (pieces & set(wanted)) - set(changed)
+
+
+def _made_from(folder: OutputFolder, name: str, inputs: str) -> bool:
+    try:
+        return folder.read_metadata(name).get("inputs") == inputs
+    except (OSError, ValueError, KeyError):  # unreadable: make it again
+        return False
+
+
+class RunLock:
+    """One preprocessing run per output folder: `_lock.json` names the run (pid, host, start) while it works.
+
+    Created atomically on local disks (a hard link of a complete file, which fails if the lock exists); object
+    stores have no create-if-absent in pyarrow, so there the lock is written and read back, which catches all
+    but a near-simultaneous start. The holder rewrites its `heartbeat` every `HEARTBEAT_S`. A lock is stale,
+    and taken over, when its process is gone (same host, pid not running) or, from another host, when its
+    heartbeat is older than `STALE_AFTER_S` (a driver killed on a node or pod that is gone; clocks are assumed
+    to agree within minutes). Otherwise the run is refused, naming the holder and the file.
+    """
+
+    HEARTBEAT_S = 30.0
+    STALE_AFTER_S = 600.0
+
+    def __init__(self, folder: OutputFolder, log: Callable[[str], None] = print):
+        self.folder, self.log = folder, log
+        self.record = {"token": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time()}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        if not self._create():
+            holder = self.folder.read_json(LOCK_FILE) or {}
+            if not self._gone(holder):
+                raise PreprocessError(
+                    f"{self.folder.uri} is in use by another preprocessing run (pid {holder.get('pid')} on host "
+                    f"{holder.get('host')!r}, started {holder.get('started')}): wait for it to end or choose "
+                    f"another --output; if no run uses it any more, delete {self.folder.path(LOCK_FILE)}")
+            self.log(f"taking over the lock of an earlier run that is gone (pid {holder.get('pid')} on "
+                     f"{holder.get('host')})")
+            self.folder.write_json(LOCK_FILE, self.record)
+        if not self._mine():
+            raise PreprocessError(f"{self.folder.uri}: another preprocessing run took the lock at the same time")
+        self._beat = threading.Thread(target=self._heartbeat, name="preprocess-lock", daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self._mine():
+            self.folder.delete(LOCK_FILE)
+
+    def _mine(self) -> bool:
+        return (self.folder.read_json(LOCK_FILE) or {}).get("token") == self.record["token"]
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                if self._mine():
+                    self.folder.write_json(LOCK_FILE, {**self.record, "heartbeat": time.time()})
+            except OSError:  # a storage hiccup: the next beat tries again
+                pass
+
+    def _create(self) -> bool:
+        data = json.dumps(self.record).encode()
+        if self.folder.local:
+            temporary = self.folder.path(f"{WORK_DIR}/tmp/lock-{self.record['token']}")
+            with open(temporary, "wb") as stream:
+                stream.write(data)
+            try:
+                os.link(temporary, self.folder.path(LOCK_FILE))
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        if self.folder.exists(LOCK_FILE):
+            return False
+        self.folder.write_bytes(LOCK_FILE, data)
+        return True
+
+    def _gone(self, holder: dict) -> bool:
+        if not holder:  # vanished or unreadable
+            return True
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            beat = holder.get("heartbeat")
+            return isinstance(beat, (int, float)) and time.time() - beat > self.STALE_AFTER_S
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -770,7 +922,8 @@ def _remote_merge():
 def _submit_merge(output: str, key: tuple[str, int], plans: Sequence[SplitPlan]):
     split, part = key
     plan = next(p for p in plans if p.split == split)
-    return _remote_merge().remote(output, split, part, plan.num_parts, len(plan.pieces(part)))
+    return _remote_merge().remote(output, split, part, plan.num_parts, len(plan.pieces(part)),
+                                  plan.inputs_digest(plan.part_ids(part)))
 
 
 def _finish_split(folder: OutputFolder, plan: SplitPlan, cfg: Config, resumed: int,

@@ -8,6 +8,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from stgpt.annotations import (
+    MISSING_VIDEO,
     AnnotationError,
     VideoAnnotation,
     child_uri,
@@ -204,6 +205,14 @@ BAD_FILES = {
     "coco_missing_caption": ([{"image_id": "v", "caption": "a"}, {"image_id": "w"}], r"entry 1 has no 'caption' key"),
     "coco_caption_not_string": ([{"image_id": "v", "caption": ["a"]}], r"'caption' is a list"),
     "not_utf8_json": (b'[{"videoID": "v", "enCap": ["caf\xe9"]}]', r"not valid UTF-8"),
+    # Hostile text: escapes JSON allows that no UTF-8 file or Parquet shard can hold, and Python's own limits.
+    "lone_surrogate_caption": ('[{"videoID": "v", "enCap": ["ok"]}, {"videoID": "w", "enCap": ["a", "b\\ud800"]}]',
+                               r"entry 1, \['enCap'\]\[1\]: text is not valid Unicode"),
+    "lone_surrogate_id": ('[{"videoID": "v\\udfff", "enCap": ["a"]}]', r"entry 0, \['videoID'\]: text is not valid"),
+    "lone_surrogate_key": ('[{"videoID": "v", "enCap": ["a"], "x\\ud800": 1}]', r"entry 0: text is not valid Unicode"),
+    "5000_digit_number": ('[{"videoID": "v", "enCap": ["a"], "n": ' + "7" * 5000 + "}]", r"unusable JSON value"),
+    "deep_nesting": ('[{"videoID": "v", "enCap": ["a"], "x": ' + "[" * 100_000 + "]" * 100_000 + "}]",
+                     r"nested too deeply"),
 }
 
 
@@ -232,6 +241,14 @@ def test_malformed_csv_is_rejected_with_the_line(tmp_path, case):
     with pytest.raises(AnnotationError, match=message) as raised:
         load_references(path)
     assert str(path) in str(raised.value)
+
+
+def test_prediction_files_with_invalid_text_are_rejected(tmp_path):
+    mapping = write(tmp_path, "mapping.json", '{"v": "fine", "w": "bad \\udc80"}')
+    with pytest.raises(AnnotationError, match=r"\['w'\]: text is not valid Unicode"):
+        load_predictions(mapping)
+    with pytest.raises(AnnotationError, match="nested too deeply"):
+        load_predictions(write(tmp_path, "deep.json", "[" * 100_000 + "]" * 100_000))
 
 
 def test_prediction_errors_name_the_video(tmp_path):
@@ -337,6 +354,45 @@ def test_find_videos_lists_the_folder_once_and_stats_nothing(video_folder):
         assert stream.read() == b"b.webm"
 
 
+def test_only_regular_files_inside_the_folder_are_videos(tmp_path):
+    """Links count where they resolve to a regular file inside the folder; the rest is missing, with why."""
+    import os
+
+    from stgpt.annotations import find_video_files
+
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "secret.mp4").write_bytes(b"outside")
+    (folder / "real.mp4").write_bytes(b"inside")
+    (folder / "sub" / "deep.mp4").write_bytes(b"deep")
+    links = {"inlink.mp4": "real.mp4", "sublink.webm": str(folder / "sub" / "deep.mp4"), "out.mp4": "../secret.mp4",
+             "abs.mkv": str(tmp_path / "secret.mp4"), "escape.mp4": "sub/../../secret.mp4",
+             "dangling.mp4": "nothing.mp4", "loop.mp4": "loop.mp4", "dir.mp4": "sub"}
+    for name, target in links.items():
+        os.symlink(target, folder / name)
+    os.mkfifo(folder / "fifo.mp4")
+    (folder / "both.mp4").symlink_to(tmp_path / "secret.mp4")
+    (folder / "both.webm").write_bytes(b"the real one")  # a refused .mp4 does not hide a good .webm
+
+    ids = ["real", "inlink", "sublink", "out", "abs", "escape", "dangling", "loop", "dir", "fifo", "both"]
+    listing = find_video_files(ids, folder)
+    assert {v: f.path for v, f in listing.found.items()} == {
+        "real": str(folder / "real.mp4"), "inlink": str(folder / "real.mp4"),  # resolved: what is checked is read
+        "sublink": str(folder / "sub" / "deep.mp4"), "both": str(folder / "both.webm")}
+    assert listing.found["real"].size == 6 and listing.found["real"].mtime_ns == (folder / "real.mp4").stat().st_mtime_ns
+    assert listing.missing == ["out", "abs", "escape", "dangling", "loop", "dir", "fifo"]
+    why = listing.rejected
+    for video_id in ("out", "abs", "escape"):
+        assert "outside the videos folder" in why[video_id] and str(tmp_path / "secret.mp4") in why[video_id]
+    assert "does not exist" in why["dangling"] and "cannot be examined" in why["loop"]
+    assert "not a regular file" in why["dir"] and "not a regular file" in why["fifo"]
+    assert listing.reason("nope") == MISSING_VIDEO and listing.reason("out") == why["out"]
+    assert find_videos(ids, folder)[1] == listing.missing  # the plain form agrees
+    # a folder reached through a link is still that folder: its own files are inside it
+    (tmp_path / "alias").symlink_to(folder)
+    assert set(find_video_files(ids, tmp_path / "alias").found) == {"real", "inlink", "sublink", "both"}
+
+
 def test_remote_paths_come_back_as_uris_that_pyarrow_reopens():
     uri = child_uri("gs://bucket/some%20videos/", "clip one.mp4")
     assert uri == "gs://bucket/some%20videos/clip%20one.mp4"
@@ -366,3 +422,40 @@ def test_find_videos_knows_every_container_the_reader_decodes(tmp_path):
         assert found[f"v{i}"].lower() == str(folder / f"v{i}{extension}").lower()
     assert found["many"] == str(folder / f"many{VIDEO_EXTENSIONS[0]}")
     assert {".mkv", ".avi", ".mpg", ".gif", ".mov", ".ts", ".flv", ".m4v"} <= set(VIDEO_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile files: every job that reads annotations refuses them up front, naming the place (exit 2, not a traceback)
+
+HOSTILE_FILES = {
+    "digits.json": ('[{"videoID": "v", "enCap": ["a"], "n": ' + "7" * 5000 + "}]", "unusable JSON value"),
+    "deep.json": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "surrogate.json": ('[{"videoID": "v", "enCap": ["a\\ud800"]}]', "entry 0, ['enCap'][0]: text is not valid"),
+}
+
+
+def _job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_job", Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_job_reading_annotations_exits_2_naming_the_place(ray_cluster, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = write(tmp_path, "good.json", [{"image_id": "v", "caption": "a"}])
+    for name, (content, message) in HOSTILE_FILES.items():
+        bad = str(write(tmp_path, name, content))
+        runs = {
+            "preprocess": ["--annotations", bad, "--videos", str(videos), "--output", str(tmp_path / "out")],
+            "download_vatex": ["--annotations", bad, "--videos", str(videos), "--yt-dlp", "/nonexistent/yt-dlp"],
+            "evaluate": ["--predictions", str(good), "--references", bad, "--output", str(tmp_path / "eval")],
+        }
+        for job, args in runs.items():
+            assert _job(job).main(args) == 2, (job, name)
+            err = capsys.readouterr().err
+            assert f"error: {bad}: " in err and message in err, (job, name, err[-500:])
+            assert "Traceback" not in err

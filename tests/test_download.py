@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stgpt.annotations import VideoAnnotation, save_annotations
-from stgpt.download import DownloaderNotFound, download_clip, parse_video_id, read_records
+from stgpt.download import DownloaderNotFound, download_clip, parse_video_id, read_records, yt_dlp_command
 from stgpt.synthetic import make_synthetic_dataset
 from stgpt.video import read_video
 
@@ -29,8 +29,11 @@ args = sys.argv[1:]
 url = args[-1]
 youtube_id = url.split("v=", 1)[1]
 template = args[args.index("-o") + 1]
+watch = os.path.join(here, "watch.txt")  # a file whose content each call records (what the job wrote so far)
+watched = open(watch).read() if os.path.exists(watch) else None
+seen = open(watched).read() if watched and os.path.exists(watched) else None
 with open(os.path.join(here, "calls.jsonl"), "a") as log:
-    log.write(json.dumps({{"youtube_id": youtube_id, "args": args}}) + "\n")
+    log.write(json.dumps({{"youtube_id": youtube_id, "args": args, "seen": seen}}) + "\n")
 calls = sum(1 for line in open(os.path.join(here, "calls.jsonl")) if json.loads(line)["youtube_id"] == youtube_id)
 plan = json.load(open(os.path.join(here, "outcomes.json")))[youtube_id]
 outcome = plan[min(calls, len(plan)) - 1]
@@ -114,9 +117,32 @@ def test_parse_video_id():
     clip = parse_video_id("Ptf_2VRj-V0_000122_000132")
     assert (clip.youtube_id, clip.start, clip.end) == ("Ptf_2VRj-V0", 122, 132)
     assert clip.url == "https://www.youtube.com/watch?v=Ptf_2VRj-V0"
-    for bad in ("Ptf_2VRj-V0", "abc_000010_000005", "abc_0001x_000010", "_000001_000002"):
+    for bad in ("Ptf_2VRj-V0", "abc_000010_000005", "abc_0001x_000010", "_000001_000002", *HOSTILE):
         with pytest.raises(ValueError, match="not a VATEX video ID"):
             parse_video_id(bad)
+        download = download_clip(bad, "/nonexistent/never-used", executable="/nonexistent/never-run")
+        assert download.status == "invalid" and "not a VATEX video ID" in download.reason
+        download.reason.encode("ascii")  # printable and recordable whatever the ID held
+
+
+# IDs an annotation file may hold: none may name a path outside the folder, expand in yt-dlp's template, or abort.
+HOSTILE = [
+    "../../../../tmp/x&v=plainIdAAAA_000001_000005",
+    "%(title)s_000001_000005",
+    "plainIdAAA%_000001_000005",
+    "plainIdAAAA\x00_000001_000005",
+    "plainId\ud800AAA_000001_000005",
+    "a" * 300 + "_000001_000005",
+    "plainIdAAAA_000001_000005/../x",
+    "plainIdAAAA_000001_000005\n",
+    "plainIdAAAA_\u0661\u0662\u0663\u0664\u0665\u0666_000005",  # Arabic-Indic digits: \d would take them
+]
+
+
+def test_output_template_holds_only_the_validated_id(tmp_path):
+    clip = parse_video_id("Ptf_2VRj-V0_000122_000132")
+    command = yt_dlp_command("yt-dlp", clip, "/tmp/100%(title)s")
+    assert command[command.index("-o") + 1] == "/tmp/100%%(title)s/Ptf_2VRj-V0_000122_000132.%(ext)s"
 
 
 def test_download_job_skips_records_and_retries(ray_cluster, setup, capsys):
@@ -155,4 +181,42 @@ def test_download_job_skips_records_and_retries(ray_cluster, setup, capsys):
 def test_missing_downloader_is_a_setup_error(setup):
     with pytest.raises(DownloaderNotFound, match="not found"):
         download_clip(IDS["plainIdAAAA"], str(setup["videos"]), executable=str(setup["tool"] / "no-such-tool"))
+    assert not calls(setup["tool"])
+
+
+def test_hostile_ids_are_recorded_and_the_rest_goes_on(ray_cluster, setup, tmp_path):
+    """Path tricks, template fields, NUL, overlong IDs: each is a record in unavailable.jsonl; nothing is written
+    outside the videos folder; the good clip is downloaded; records are on disk while the job still runs."""
+    hostile = [h for h in HOSTILE if "\ud800" not in h]  # a lone surrogate is a malformed file (test below)
+    annotations = tmp_path / "hostile.json"
+    good = [IDS["removed-vid"], IDS["plainIdAAAA"]]
+    save_annotations([VideoAnnotation(v, ["a caption"]) for v in [*hostile, *good]], annotations)
+    (setup["tool"] / "watch.txt").write_text(str(setup["videos"] / "unavailable.jsonl"))
+    before = sorted(p for p in tmp_path.rglob("*") if "videos" not in p.parts and p.name != "calls.jsonl")
+    job = load_job()
+    args = ["--annotations", str(annotations), "--videos", str(setup["videos"]), "--yt-dlp", str(setup["script"]),
+            "--max-attempts", "1", "--concurrency", "1"]
+    assert job.main(args) == 0  # every clip there or known unavailable
+
+    assert [c["youtube_id"] for c in calls(setup["tool"])] == ["removed-vid", "plainIdAAAA"]  # only valid IDs
+    # the second download started after the first results were recorded, not at the end of the run
+    seen = [json.loads(line)["video_id"] for line in calls(setup["tool"])[1]["seen"].splitlines()]
+    assert sorted(seen) == sorted([*hostile, IDS["removed-vid"]])
+    records = {r["video_id"]: r["reason"] for r in read_records(str(setup["videos"]))}
+    assert set(records) == {*hostile, IDS["removed-vid"]}
+    assert all("not a VATEX video ID" in records[h] for h in hostile)
+    assert (setup["videos"] / f"{IDS['plainIdAAAA']}.mp4").exists()
+    after = sorted(p for p in tmp_path.rglob("*") if "videos" not in p.parts and p.name != "calls.jsonl")
+    assert after == before  # nothing new outside the videos folder (the fake would have followed any template)
+    assert not Path("/tmp/x&v=plainIdAAAA_000001_000005.mp4").exists()
+
+
+def test_annotation_text_that_is_not_unicode_stops_the_job_before_any_download(ray_cluster, setup, tmp_path,
+                                                                              capsys):
+    annotations = tmp_path / "surrogate.json"
+    annotations.write_text('[{"videoID": "plainIdAAAA_000001_000005", "enCap": ["a"]}, '
+                           '{"videoID": "plainId\\ud800AAA_000001_000005", "enCap": ["b"]}]')
+    args = ["--annotations", str(annotations), "--videos", str(setup["videos"]), "--yt-dlp", str(setup["script"])]
+    assert load_job().main(args) == 2
+    assert "entry 1, ['videoID']: text is not valid Unicode" in capsys.readouterr().err
     assert not calls(setup["tool"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -238,6 +239,10 @@ def test_killed_run_resumes_with_one_row_per_video(ray_cluster, data, tmp_path):
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no shard written in time"
         time.sleep(0.02)
+    # while it works, a second run on the same output is refused
+    source = SplitInput("train", str(data["annotations"]), str(data["dataset"].video_dir))
+    with pytest.raises(PreprocessError, match=rf"in use by another preprocessing run \(pid {job.pid} "):
+        preprocess([source], output, config(*slow), progress=False, log=quiet)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     time.sleep(1.0)  # let the killed job's workers go
@@ -245,8 +250,7 @@ def test_killed_run_resumes_with_one_row_per_video(ray_cluster, data, tmp_path):
     num_parts = -(-len(data["entries"]) // 2)
     assert 0 < len(kept) < num_parts  # killed half-way: some parts done, not all
 
-    source = SplitInput("train", str(data["annotations"]), str(data["dataset"].video_dir))
-    summary = preprocess([source], output, config(*slow), progress=False, log=quiet)
+    summary = preprocess([source], output, config(*slow), progress=False, log=quiet)  # takes over the dead lock
     rows = shard_rows(output)
     errors = read_errors(output, "train")
     assert sorted([r["video_id"] for r in rows] + [e["video_id"] for e in errors]) == sorted(data["entries"])
@@ -312,3 +316,96 @@ def test_a_piece_retried_after_its_worker_died_decodes_in_child_processes(ray_cl
     assert "truncated" in next(e["reason"] for e in metadata["errors"] if e["video_id"] == "bad_truncated")
     assert report["rows"] == 1
     assert not folder.names(preprocessing.ATTEMPTS_DIR)  # finished: its attempt records are gone
+
+
+@pytest.mark.slow  # three small runs
+def test_rerun_redoes_exactly_the_parts_whose_inputs_changed(ray_cluster, tmp_path):
+    """Fixed captions, a replaced file, a clip downloaded since: those parts are made again, the others kept."""
+    dataset = make_synthetic_dataset(tmp_path / "synthetic", {"train": 6}, seed=7, size=(64, 48),
+                                     num_frames=NUM_FRAMES_IN_VIDEOS)
+    videos = dataset.video_dir
+    ids = dataset.video_ids("train")  # sorted: parts of 2 are [0, 1], [2, 3], [4, 5], [zz_late, zz_linked]
+    suffix = dataset.video_path(ids[0]).suffix
+    entries = {e.video_id: e for e in load_annotations(dataset.annotation_paths["train"])}
+    entries["zz_late"] = VideoAnnotation("zz_late", ["downloaded later"])
+    entries["zz_linked"] = VideoAnnotation("zz_linked", ["a link to a file elsewhere"])
+    outside = tmp_path / "elsewhere.mp4"
+    outside.write_bytes(dataset.video_path(ids[5]).read_bytes())
+    (videos / f"zz_linked{suffix}").symlink_to(outside)
+    annotations = tmp_path / "train.json"
+    save_annotations(list(entries.values()), annotations)
+    source = SplitInput("train", str(annotations), str(videos))
+    settings = ("preprocess.rows_per_shard=2", "preprocess.videos_per_task=1")
+
+    first = preprocess([source], tmp_path / "out", config(*settings), progress=False, log=quiet)
+    assert (first.rows, first.errors) == (6, 2)
+    reasons = {e["video_id"]: e["reason"] for e in read_errors(tmp_path / "out", "train")}
+    assert "not found" in reasons["zz_late"] and "outside the videos folder" in reasons["zz_linked"]
+    before = fingerprints(tmp_path / "out")
+
+    entries[ids[0]].captions = ["a fixed caption"]  # part 0
+    save_annotations(list(entries.values()), annotations)
+    replacement = videos / f".new{suffix}"  # part 1: another file in place of ids[2]
+    replacement.write_bytes(dataset.video_path(ids[3]).read_bytes())
+    os.replace(replacement, dataset.video_path(ids[2]))
+    (videos / f"zz_late{suffix}").write_bytes(dataset.video_path(ids[4]).read_bytes())  # part 3
+    second = preprocess([source], tmp_path / "out", config(*settings), progress=False, log=quiet)
+    after = fingerprints(tmp_path / "out")
+    changed = sorted(name for name in before if after[name] != before[name])
+    assert changed == [f"train-part-{p:05d}-of-00004.parquet" for p in (0, 1, 3)]  # part 2 kept as it was
+    assert second.splits[0].parts_resumed == 1 and second.videos_processed == 6
+    assert (second.rows, second.errors) == (7, 1)
+    rows = {r["video_id"]: r for r in shard_rows(tmp_path / "out")}
+    assert rows[ids[0]]["captions"] == ["a fixed caption"] and "zz_late" in rows
+    assert rows[ids[2]]["frames"] == rows[ids[3]]["frames"]  # the replaced file was read
+    assert [e["video_id"] for e in read_errors(tmp_path / "out", "train")] == ["zz_linked"]
+
+    # Pieces of an unfinished part are checked too: a piece made from old captions is redone, a current one kept.
+    cfg = config(*settings)
+    plan = plan_split(source, 2, 1)
+    (tmp_path / "out" / "train-part-00002-of-00004.parquet").unlink()  # as if killed before the merge
+    worker = PiecePreprocessor(str(tmp_path / "out"), cfg.video.__dict__, "jpeg", 95)
+    for piece in plan.pieces(2):
+        worker.process(piece)
+    entries[ids[5]].captions = ["fixed after its piece was made"]
+    save_annotations(list(entries.values()), annotations)
+    third = preprocess([source], tmp_path / "out", cfg, progress=False, log=quiet)
+    assert third.videos_processed == 1  # piece 0 of part 2 kept, piece 1 redone
+    assert {r["video_id"]: r["captions"] for r in shard_rows(tmp_path / "out")}[ids[5]] == \
+        ["fixed after its piece was made"]
+
+
+def test_a_second_run_on_the_same_output_is_refused(data, tmp_path):
+    """The lock names the run holding it; a lock whose process is gone on this host is taken over."""
+    source = SplitInput("train", str(data["annotations"]), str(data["dataset"].video_dir))
+    output = tmp_path / "out"
+    folder = OutputFolder(output)
+    lock = {"token": "other", "pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}
+    folder.write_json(preprocessing.LOCK_FILE, lock)
+    with pytest.raises(PreprocessError, match=rf"in use by another preprocessing run \(pid {os.getpid()} on host"):
+        preprocess([source], output, config(), progress=False, log=quiet)
+    folder.write_json(preprocessing.LOCK_FILE, {**lock, "host": "another-host", "heartbeat": time.time() - 60})
+    with pytest.raises(PreprocessError, match=r"another-host.*delete .*_lock\.json"):
+        preprocess([source], output, config(), progress=False, log=quiet)
+    assert not list(output.glob("*.parquet")) and not list(output.glob("*manifest*"))  # nothing touched
+
+    # stale: another host's run that stopped beating, or a process that is gone on this host
+    folder.write_json(preprocessing.LOCK_FILE, {**lock, "host": "another-host", "heartbeat": time.time() - 3600})
+    with preprocessing.RunLock(folder, log=quiet):
+        pass
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now
+    folder.write_json(preprocessing.LOCK_FILE, {**lock, "pid": gone.pid})
+    lock_obj = preprocessing.RunLock(folder, log=quiet)
+    lock_obj.HEARTBEAT_S = 0.05
+    with lock_obj:
+        assert folder.read_json(preprocessing.LOCK_FILE)["token"] == lock_obj.record["token"]
+        beat = folder.read_json(preprocessing.LOCK_FILE)["heartbeat"]
+        deadline = time.monotonic() + 30
+        while folder.read_json(preprocessing.LOCK_FILE)["heartbeat"] == beat:  # the holder keeps it fresh
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(PreprocessError, match="in use by another preprocessing run"):
+            preprocessing.RunLock(folder, log=quiet).__enter__()
+    assert not folder.exists(preprocessing.LOCK_FILE)  # released at the end
