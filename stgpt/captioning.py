@@ -95,8 +95,10 @@ def list_inputs(source: str) -> tuple[list[VideoInput], list[dict]]:
         pairs = _glob(text)
     else:
         pairs = _walk(text)
+    errors = [{"video_id": vid, "path": path, "reason": reason} for vid, path, reason in _outside(text, pairs)]
+    refused = {e["path"] for e in errors}
+    pairs = [(vid, path) for vid, path in pairs if path not in refused]
     seen: dict[str, VideoInput] = {}
-    errors = []
     for video_id, path in pairs:
         if video_id in seen:
             errors.append({"video_id": video_id, "path": path, "reason": f"a second input with this video ID "
@@ -104,6 +106,22 @@ def list_inputs(source: str) -> tuple[list[VideoInput], list[dict]]:
         else:
             seen[video_id] = VideoInput(video_id, path)
     return sorted(seen.values(), key=lambda v: v.video_id), errors
+
+
+def _outside(source: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """Links in a local folder that lead outside it (or nowhere): not videos of that folder (README, paths)."""
+    if "://" in source and not source.startswith("file://") or not _is_dir(source):
+        return []
+    root = os.path.realpath(source.removeprefix("file://"))
+    refused = []
+    for video_id, path in pairs:
+        if os.path.islink(path) or os.path.realpath(path) != os.path.abspath(path):
+            target = os.path.realpath(path)
+            if not os.path.isfile(target):
+                refused.append((video_id, path, "a symbolic link that leads to no file"))
+            elif os.path.commonpath([root, target]) != root:
+                refused.append((video_id, path, f"a symbolic link that leads outside {source} (to {target})"))
+    return refused
 
 
 def _filesystem(path: str) -> tuple[Any, str, bool]:
@@ -130,6 +148,10 @@ def _walk(folder: str) -> list[tuple[str, str]]:
     if info.type != pafs.FileType.Directory:
         return [(posixpath.splitext(posixpath.basename(inner))[0], folder)]
     root = inner.rstrip("/")
+    if not remote:  # os.walk sees links as they are (pyarrow's listing drops dangling ones without a word)
+        return sorted((posixpath.splitext(os.path.relpath(os.path.join(top, name), root).replace(os.sep, "/"))[0],
+                       os.path.join(top, name))
+                      for top, _, names in os.walk(root) for name in names if _is_video(name))
     pairs = []
     for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File or not _is_video(entry.base_name):

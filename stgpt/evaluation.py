@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from stgpt.annotations import MISSING_VIDEO, VideoAnnotation, find_videos, load_annotations, load_predictions, save_predictions
+from stgpt.annotations import VideoAnnotation, find_video_files, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
 from stgpt.model import ensure_tiny_checkpoint
 from stgpt.training import BEST_DIR
@@ -124,8 +124,9 @@ def video_input(annotations: str | os.PathLike, videos: str | os.PathLike,
                 references: str | os.PathLike | None = None) -> EvalInput:
     """Raw videos: one row per annotated video with a file in `videos`; the others are errors already."""
     entries = load_annotations(annotations)
-    found, missing = find_videos([a.video_id for a in entries], videos)
-    errors = [_error(v, f"{os.fspath(videos).rstrip('/')}/{v}.mp4", MISSING_VIDEO, "find") for v in missing]
+    listing = find_video_files([a.video_id for a in entries], videos)
+    found = {video_id: file.path for video_id, file in listing.found.items()}
+    errors = [_error(v, f"{os.fspath(videos).rstrip('/')}/{v}.mp4", listing.reason(v), "find") for v in listing.missing]
     inputs = EvalInput("videos", os.fspath(annotations), [a.video_id for a in entries if a.video_id in found],
                        {a.video_id: list(a.captions) for a in entries}, video_paths=found,
                        attributes=_attributes(entries), errors=errors)

@@ -182,3 +182,17 @@ def test_job_exit_codes(ray_cluster, assets, tmp_path, capsys):
     assert job.main(["--videos", str(videos), "--output", str(tmp_path / "o"), *args]) == 0
     assert "2 videos: 2 captions" in capsys.readouterr().out
     assert job.main(["--videos", str(assets["folder"]), "--output", str(tmp_path / "o2"), *args]) == 1  # errors
+
+
+def test_links_out_of_the_folder_are_errors_not_inputs(assets, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    inside = folder / "real.mp4"
+    inside.write_bytes((assets["folder"] / f"{assets['ids'][2]}.mp4").read_bytes())
+    (folder / "alias.mp4").symlink_to(inside)  # inside the folder: an input
+    (folder / "escape.mp4").symlink_to(assets["folder"] / f"{assets['ids'][3]}.mp4")  # outside: refused
+    (folder / "dangling.mp4").symlink_to(tmp_path / "nothing.mp4")
+    inputs, errors = list_inputs(str(folder))
+    assert {v.video_id for v in inputs} == {"real", "alias"}
+    reasons = {e["video_id"]: e["reason"] for e in errors}
+    assert "outside" in reasons["escape"] and "no file" in reasons["dangling"]
