@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Model FLOPs per training sample (8 frames at 224 px, a 20-token caption, forward + backward, counted "
              f"by FlopCounterMode): **{flops / 1e12:.2f} TFLOP**, 30% of it in the encoder's forward alone "
              "(0.39 TFLOP). The A10G's dense bf16 peak is taken as 125 TFLOP/s (the A10 datasheet's; AWS's A10G "
-             "may clock lower), utilisation assumed, not measured:", "", *epoch_estimate(flops), "",
+             "may clock lower: with 70 TFLOP/s, as some report, multiply the times by 1.8); the utilisation is "
+             "assumed, not measured (benchmarks/gpu_check.py measures it):", "", *epoch_estimate(flops), "",
              *batch_estimate(sum(p.numel() for p in _meta_model().parameters()))]
     if not args.estimate_only:
         from stgpt.rehearsal import rehearse

@@ -61,6 +61,10 @@ class EncoderConfig:
     channels_last: bool = True  # frames reach the patch convolution as (B, T, H, W, C) in memory
     compile: bool = False  # torch.compile the encoder (worth it on GPUs for long runs; minutes of compiling)
 
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "eager"):
+            raise ConfigError(f"encoder.attention must be sdpa or eager, got {self.attention!r}")
+
 
 @dataclass
 class GenerationConfig:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TimesformerConfig, TimesformerModel
 
-from stgpt.config import EncoderConfig
+from stgpt.config import ConfigError, EncoderConfig, load_config
 from stgpt.encoder import apply_encoder_options, set_attention
 
 
@@ -68,3 +68,6 @@ def test_sdpa_applies_attention_dropout_only_in_training():
 def test_unknown_attention_is_rejected():
     with pytest.raises(ValueError, match="encoder.attention"):
         set_attention(_encoder(), "flash")
+    with pytest.raises(ConfigError, match="encoder.attention"):  # before any job starts
+        load_config(None, ["encoder.attention=flash"])
+    assert load_config(None, ["encoder.attention=eager", "encoder.compile=true"]).encoder.compile is True
