@@ -42,7 +42,8 @@ def epoch_estimate(flops: float) -> list[str]:
     peak = PEAK_TFLOPS["A10G"] * 1e12
     lines = ["| epoch | samples | TFLOP | 4 x A10G at 25% MFU | at 40% MFU |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, samples in (("one caption per video (default)", VATEX_TRAIN_VIDEOS),
-                          ("every caption (`train.all_captions_each_epoch`)", VATEX_TRAIN_VIDEOS * VATEX_CAPTIONS_PER_VIDEO)):
+                          ("every caption (`train.all_captions_each_epoch`)",
+                           VATEX_TRAIN_VIDEOS * VATEX_CAPTIONS_PER_VIDEO)):
         total = flops * samples
         times = [total / (GPUS * peak * mfu) / 60 for mfu in MFU_RANGE]
         lines.append(f"| {name} | {samples:,} | {total / 1e12:,.0f} | {times[0]:.0f} min | {times[1]:.0f} min |")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         videos = done.eval_metrics.get("counts", {}).get("predictions") or 1
         lines += ["", f"Measured at the real sizes (`python benchmarks/full_scale.py`, {machine_info()}):", "",
                   "| figure | value |", "| --- | ---: |",
-                  f"| training, seconds per sample (2 workers, batch 1, fp32) | {epoch['epoch_seconds'] / max(1, epoch['samples']):.0f} |",
+                  "| training, seconds per sample (2 workers, batch 1, fp32) | "
+                  f"{epoch['epoch_seconds'] / max(1, epoch['samples']):.0f} |",
                   f"| peak resident memory of a training worker | {epoch['peak_rss_mb'] / 1024:.1f} GiB |",
                   f"| generation (8 beams, 30-60 tokens), seconds per video, evaluation job | {gen / videos:.0f} |",
                   f"| the same through Serve, one request | {done.served.get('time_s', float('nan')):.0f} |",

@@ -1,7 +1,7 @@
 """Typed configuration shared by every job: YAML files in `configs/` plus `key=value` overrides.
 
-A config file has one section per concern (`video`, `model`, `encoder`, `generation`, `data`, `preprocess`, `train`,
-`evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
+A config file has one section per concern (`video`, `model`, `encoder`, `generation`, `data`, `preprocess`,
+`train`, `evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
 scalars, so `train.lr=1e-4 train.use_gpu=true model.kind=tiny` do what they look like. An unknown key or a value
 of the wrong type is an error that names the key, not a silent no-op.
 """

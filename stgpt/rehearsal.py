@@ -103,7 +103,8 @@ def serve_one_request(checkpoint: Path, video: Path, timeout: float, log: Callab
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RehearsalError(f"serve not healthy after {timeout:.0f} s:\n{server_log.read_text()[-6000:]}")
+                    raise RehearsalError(f"serve not healthy after {timeout:.0f} s:\n"
+                                         f"{server_log.read_text()[-6000:]}")
                 time.sleep(2)
             return caption(video, f"http://127.0.0.1:{port}", timeout_s=max(60.0, deadline - time.monotonic()))
         finally:
@@ -131,7 +132,8 @@ def rehearse(out: str | Path, encoder_layers: int = 12, decoder_layers: int = 12
     result = Rehearsal(out, standins, seconds={"standins": time.perf_counter() - start})
 
     start = time.perf_counter()
-    split_sizes = {"train": videos, "validation": max(1, videos // 2), "test": max(1, videos // 2)}
+    # at least 2 validation videos: Ray splits a split's rows equally over the 2 workers, dropping the remainder
+    split_sizes = {"train": videos, "validation": max(2, videos // 2), "test": max(1, videos // 2)}
     dataset = make_synthetic_dataset(out / "videos", split_sizes, size=(320, 240), num_frames=48)
     annotations = [str(dataset.annotation_paths[split]) for split in split_sizes]
     shards = out / "shards"
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-layers", type=int, default=12)
     parser.add_argument("--decoder-layers", type=int, default=12)
     parser.add_argument("--max-steps", type=int, default=2)
-    parser.add_argument("--videos", type=int, default=4, help="training videos (half as many each for val, test)")
+    parser.add_argument("--videos", type=int, default=4,
+                        help="training videos (half as many for validation and test; at least 2 and 1)")
     args = parser.parse_args(argv)
     try:
         done = rehearse(args.out_dir, args.encoder_layers, args.decoder_layers, args.max_steps, args.videos)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, TimesformerConfig, TimesformerForVideoClassification
+from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, TimesformerConfig,
+                          TimesformerForVideoClassification)
 
 from stgpt.config import VideoConfig
 from stgpt.model import SPECIAL_TOKEN

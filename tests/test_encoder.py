@@ -60,7 +60,8 @@ def test_sdpa_applies_attention_dropout_only_in_training():
     set_attention(model, "sdpa")
     pixels = torch.randn(1, 4, 3, 32, 32)
     model.eval()
-    torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, model(pixel_values=pixels).last_hidden_state)
+    first = model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, first)
     model.train()
     assert not torch.equal(model(pixel_values=pixels).last_hidden_state, model(pixel_values=pixels).last_hidden_state)
 

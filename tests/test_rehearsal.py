@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -29,6 +30,7 @@ def test_the_vatex_recipe_runs_end_to_end_at_full_width(tmp_path):
     assert model["encoder"]["num_frames"] == 8 and model["decoder"]["vocab_size"] == 50257
     (epoch,) = done.train_epochs  # 2 videos over 2 workers, batch 1: the one step max_steps allows
     assert epoch["step"] == 1 and epoch["samples"] == 2 and epoch["peak_rss_mb"] > 0
+    assert math.isfinite(epoch["val_loss"])  # both workers validated (2 videos)
     generation = json.loads((tmp_path / "rehearsal" / "train" / "best" / "generation_config.json").read_text())
     assert (generation["num_beams"], generation["min_new_tokens"], generation["max_new_tokens"]) == (8, 30, 60)
     assert done.eval_metrics["counts"]["predictions"] == 1 and "CIDEr-D" in done.eval_metrics["corpus"]

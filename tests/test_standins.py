@@ -50,7 +50,8 @@ def test_standin_tokenizer_has_gpt2_layout_size_and_special_token(standins):
 
 
 def test_standins_load_through_the_pretrained_path(standins):
-    cfg = load_config(CONFIG_DIR / "vatex.yaml", [f"model.encoder={standins.encoder}", f"model.decoder={standins.decoder}"])
+    cfg = load_config(CONFIG_DIR / "vatex.yaml",
+                      [f"model.encoder={standins.encoder}", f"model.decoder={standins.decoder}"])
     built = build_model(cfg)
     model = built.model
     assert model.config.encoder.hidden_size == 768 and model.config.decoder.n_embd == 768
