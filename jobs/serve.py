@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="override http_options.host")
     parser.add_argument("--port", type=int, help="override http_options.port")
     parser.add_argument("--num-replicas", type=int, help="a fixed number of replicas instead of autoscaling")
-    parser.add_argument("overrides", nargs="*", help="serve.KEY=VALUE or generation.KEY=VALUE")
+    parser.add_argument("overrides", nargs="*", help="serve.KEY=VALUE, generation.KEY=VALUE or encoder.KEY=VALUE")
     args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.overrides:
         key, sep, value = item.partition("=")
         section, _, name = key.partition(".")
-        if not sep or section not in ("serve", "generation") or not name:
-            parser.error(f"override {item!r} must look like serve.KEY=VALUE or generation.KEY=VALUE")
+        if not sep or section not in ("serve", "generation", "encoder") or not name:
+            parser.error(f"override {item!r} must look like serve.KEY=VALUE, generation.KEY=VALUE or "
+                         "encoder.KEY=VALUE")
         app_args[section] = {**(app_args.get(section) or {}), name: yaml.safe_load(value)}
     if args.num_replicas:
         deployment = dict(app_args.get("deployment") or {})

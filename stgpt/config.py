@@ -1,7 +1,7 @@
 """Typed configuration shared by every job: YAML files in `configs/` plus `key=value` overrides.
 
-A config file has one section per concern (`video`, `model`, `generation`, `data`, `preprocess`, `train`,
-`evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
+A config file has one section per concern (`video`, `model`, `encoder`, `generation`, `data`, `preprocess`,
+`train`, `evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
 scalars, so `train.lr=1e-4 train.use_gpu=true model.kind=tiny` do what they look like. An unknown key or a value
 of the wrong type is an error that names the key, not a silent no-op.
 """
@@ -64,6 +64,19 @@ class ModelConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """How the TimeSformer encoder runs (not what it is: checkpoints are unchanged); see stgpt/encoder.py."""
+
+    attention: str = "sdpa"  # sdpa: PyTorch's fused scaled_dot_product_attention; eager: transformers' matmuls
+    channels_last: bool = True  # frames reach the patch convolution as (B, T, H, W, C) in memory
+    compile: bool = False  # torch.compile the encoder (worth it on GPUs for long runs; minutes of compiling)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "eager"):
+            raise ConfigError(f"encoder.attention must be sdpa or eager, got {self.attention!r}")
+
+
+@dataclass
 class GenerationConfig:
     """Beam search, as in the original: 8 beams, 30 to 60 new tokens."""
 
@@ -112,6 +125,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 8  # per worker
     epochs: int = 10
+    max_steps: int = 0  # >0: stop after this many optimiser steps (that epoch still validates and checkpoints)
     lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -177,6 +191,7 @@ class ServeConfig:
 class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

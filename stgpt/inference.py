@@ -8,7 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from stgpt.config import EncoderConfig
 from stgpt.device import autocast, pick_device, resolve_precision
+from stgpt.encoder import apply_encoder_options
 from stgpt.model import CaptionModel, generate_captions, load_checkpoint
 from stgpt.transforms import to_pixel_values
 from stgpt.video import VideoSource, sample_video
@@ -24,17 +26,19 @@ class Caption:
 class Captioner:
     """A model on a device, turning uint8 frames or whole videos into captions by beam search."""
 
-    def __init__(self, captioner: CaptionModel, use_gpu: bool = True, precision: str = "auto"):
+    def __init__(self, captioner: CaptionModel, use_gpu: bool = True, precision: str = "auto",
+                 encoder: EncoderConfig | None = None):
         self.device = pick_device(use_gpu)
         self.precision = resolve_precision(precision, self.device)
         self.bundle = captioner
-        self.model = captioner.model.to(self.device).eval()
+        self.model = apply_encoder_options(captioner.model.to(self.device).eval(), encoder or EncoderConfig())
         self.video = captioner.video
         self.name = captioner.name
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, use_gpu: bool = True, precision: str = "auto") -> "Captioner":
-        return cls(load_checkpoint(name_or_path), use_gpu=use_gpu, precision=precision)
+    def from_pretrained(cls, name_or_path: str | Path, use_gpu: bool = True, precision: str = "auto",
+                        encoder: EncoderConfig | None = None) -> "Captioner":
+        return cls(load_checkpoint(name_or_path), use_gpu=use_gpu, precision=precision, encoder=encoder)
 
     def caption_frames(self, frames: np.ndarray | torch.Tensor | Sequence[np.ndarray], **generation) -> list[str]:
         """Captions for a batch of uint8 frames `(B, T, H, W, 3)`; `generation` overrides beam-search settings."""

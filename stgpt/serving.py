@@ -53,7 +53,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from stgpt.config import CONFIG_DIR, Config, ServeConfig, load_config
+from stgpt.config import CONFIG_DIR, Config, EncoderConfig, ServeConfig, load_config
 from stgpt.isolation import sample_video_isolated
 from stgpt.serving_guard import authorized, token_from_env
 from stgpt.video import VideoDecodeError, VideoLimitError
@@ -67,7 +67,7 @@ TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
 TINY_SEED = 0
 
 GENERATION_PARAMS = ("num_beams", "min_new_tokens", "max_new_tokens")  # what a request may set
-APP_ARGS = ("checkpoint", "serve", "generation", "deployment", "precision")
+APP_ARGS = ("checkpoint", "serve", "generation", "deployment", "precision", "encoder")
 DEFAULT_MAX_ONGOING_REQUESTS = 32
 UPLOAD_FIELDS = ("video", "file")
 
@@ -215,7 +215,7 @@ class CaptionDeployment:
     """A replica: one model, a decode thread pool, a batch queue for generation."""
 
     def __init__(self, checkpoint: str, settings: ServeConfig, generation: Optional[dict[str, Any]] = None,
-                 precision: str = "auto", tiny: bool = False):
+                 precision: str = "auto", tiny: bool = False, encoder: Optional[EncoderConfig] = None):
         import ray
 
         from stgpt.inference import Captioner
@@ -223,7 +223,7 @@ class CaptionDeployment:
         if tiny and not Path(checkpoint, "config.json").exists():  # another node built it: build the same here
             ensure_tiny_checkpoint(checkpoint)
         use_gpu = bool(ray.get_gpu_ids())  # only a GPU Ray gave this replica
-        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
+        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision, encoder=encoder)
         self.settings = settings
         self.token = settings.auth_token or token_from_env()
         self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
@@ -420,7 +420,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
       deployment: Serve deployment options applied in code (`num_replicas`, `autoscaling_config`,
                   `ray_actor_options`, `max_ongoing_requests`, ...). A Serve config file's `deployments:`
                   section does the same and wins over these;
-      precision: auto | fp32 | bf16 | fp16.
+      precision: auto | fp32 | bf16 | fp16;
+      encoder: EncoderConfig fields (attention, channels_last, compile; stgpt/encoder.py).
     """
     args = dict(args or {})
     unknown = sorted(set(args) - set(APP_ARGS))
@@ -428,6 +429,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         raise ValueError(f"unknown app arg(s) {', '.join(unknown)}; known: {', '.join(APP_ARGS)}")
     overrides = [f"serve.{key}={json.dumps(value)}" for key, value in (args.get("serve") or {}).items()]
     overrides += [f"generation.{key}={json.dumps(value)}" for key, value in (args.get("generation") or {}).items()]
+    overrides += [f"encoder.{key}={json.dumps(value)}" for key, value in (args.get("encoder") or {}).items()]
     cfg = load_config(None, overrides)  # type-checks every key
     generation = {key: getattr(cfg.generation, key) for key in (args.get("generation") or {})}
     checkpoint, origin = resolve_checkpoint(args.get("checkpoint"))
@@ -435,7 +437,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     options = dict(args.get("deployment") or {})
     options.setdefault("max_ongoing_requests", max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * cfg.serve.max_batch_size))
     deployment = CaptionDeployment.options(**options)
-    return deployment.bind(checkpoint, cfg.serve, generation, args.get("precision", "auto"), "tiny" in origin)
+    return deployment.bind(checkpoint, cfg.serve, generation, args.get("precision", "auto"), "tiny" in origin,
+                           cfg.encoder)
 
 
 @dataclass

@@ -53,6 +53,7 @@ import torch
 
 from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
+from stgpt.encoder import apply_encoder_options
 from stgpt.model import (build_model, generation_config, load_checkpoint, save_checkpoint, tokenize_captions,
                          train_tokenizer)
 from stgpt.shards import ShardRowError, list_shards, row_frames
@@ -309,11 +310,13 @@ def train_func(config: dict) -> dict:
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
         captioner = _worker_model(cfg, config.get("tokenizer_files"), resume_dir)
+        apply_encoder_options(captioner.model, cfg.encoder)
         model = ray.train.torch.prepare_model(captioner.model, parallel_strategy="ddp" if world > 1 else None)
         raw_model = model.module if hasattr(model, "module") else model
         optimizer = make_optimizer(raw_model, t.lr, t.weight_decay)
         per_epoch = steps_per_epoch(config["num_train_samples"], world, t.batch_size, t.grad_accum_steps)
-        scheduler = make_scheduler(optimizer, per_epoch * t.epochs, t.warmup_ratio)
+        total_steps = min(per_epoch * t.epochs, t.max_steps) if t.max_steps else per_epoch * t.epochs
+        scheduler = make_scheduler(optimizer, total_steps, t.warmup_ratio)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         progress = load_training_state(resume_dir, optimizer, scheduler, scaler) if resume_dir else Progress()
     tokenizer = captioner.tokenizer
@@ -329,12 +332,15 @@ def train_func(config: dict) -> dict:
     unscored = _worst(t.checkpoint_metric)  # mid-epoch checkpoints rank below every epoch-end one
 
     for epoch in range(progress.epoch, t.epochs):
+        if t.max_steps and progress.step >= t.max_steps:
+            break
         skip = progress.batch if epoch == progress.epoch else 0
         progress = Progress(epoch, skip, progress.step)
         model.train()
         epoch_start, epoch_samples = time.perf_counter(), 0
         epoch_loss = RunningMean()
         micro = 0  # batches in the current accumulation group
+        stopped_mid_epoch = False  # by train.max_steps: a resume with a larger limit continues this epoch
         batches = TimedIterator(train_data.iter_torch_batches(
             batch_size=t.batch_size, prefetch_batches=2,
             collate_fn=functools.partial(collate_rows, tokenizer=tokenizer, video=cfg.video, seed=t.seed, epoch=epoch),
@@ -376,6 +382,9 @@ def train_func(config: dict) -> dict:
                                     "mid_epoch": True})
             for hook in hooks:
                 hook({"rank": rank, "world_size": world, **dataclasses.asdict(progress)})
+            if t.max_steps and progress.step >= t.max_steps:  # every worker stops at the same step
+                stopped_mid_epoch = not is_last
+                break
 
         # End of epoch: validation, metrics, checkpoint.
         seconds = time.perf_counter() - epoch_start
@@ -388,7 +397,8 @@ def train_func(config: dict) -> dict:
             raise KeyError(f"train.checkpoint_metric={t.checkpoint_metric!r} is not among the epoch metrics "
                            f"{sorted(metrics)}")
         log.write_epoch(metrics, progress.step)
-        progress = Progress(epoch + 1, 0, progress.step)
+        progress = Progress(epoch, progress.batch, progress.step) if stopped_mid_epoch else Progress(
+            epoch + 1, 0, progress.step)
         _report_checkpoint(rank, raw_model, captioner, optimizer, scheduler, scaler, progress, metrics)
 
     if writer is not None:

@@ -336,3 +336,22 @@ def test_train_then_evaluate_jobs_submitted_to_a_ray_cluster(tmp_path, synthetic
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(out / "best") and metrics["untrained"] is False, metrics
     assert metrics["counts"]["predictions"] == 2 and sum(metrics["nodes"].values()) == 2, metrics
+
+
+@pytest.mark.slow
+def test_max_steps_stops_mid_epoch_and_a_larger_limit_continues_there(tmp_path, synthetic_shards):
+    root, shards = synthetic_shards
+    cfg = small_config(tmp_path / "run", shards, root, "train.num_workers=2", "train.epochs=3", "train.batch_size=4",
+                       "train.max_steps=4", "train.warmup_ratio=0", "train.log_every=1", "train.shuffle_buffer=0")
+    # 18 rows -> 9 per worker -> 3 steps an epoch: step 4 is the first batch of epoch 1
+    result = run_training(cfg, log=lambda _: None)
+    assert result.return_value["finished"] == {"epoch": 1, "batch": 1, "step": 4}
+    assert result.last_metrics["epoch"] == 1 and result.last_metrics["step"] == 4 and "val_loss" in result.last_metrics
+    assert result.last_metrics["lr"] == 0.0  # the schedule ran over the 4 steps, not 3 epochs
+    assert result.best_dir is not None and (result.best_dir / "config.json").exists()
+
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5))
+    again = run_training(more, log=lambda _: None)
+    started = again.return_value["started"]
+    assert (started["epoch"], started["batch"], started["step"]) == (1, 1, 4), started  # the rest of epoch 1
+    assert again.return_value["finished"] == {"epoch": 1, "batch": 2, "step": 5}
