@@ -308,32 +308,68 @@ class data_placement_group:
 
 
 def pending_report(limit: int = 8) -> str:
-    """What Ray is waiting to place: resource demands (tasks, actors, placement groups) and free resources."""
+    """What Ray is waiting to place: the scheduler's resource demands (what `ray status` shows), the tasks,
+    actors and placement groups pending in the state API (their names say which Ray Data operator), free CPUs."""
     import ray
 
     lines = []
+    gcs = ray.get_runtime_context().gcs_address
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        demands = get_cluster_status(gcs).resource_demands
+        shapes = [f"{r.count} x {{{_fmt(r.bundle)}}}" for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
+        shapes += [f"placement group {{{' + '.join(_fmt(r.bundle) for r in d.bundles_by_count)}}}"
+                   for d in demands.placement_group_demand]
+        lines.append(f"resource demands: {', '.join(shapes[:limit]) or 'none'}")
+    except Exception as exc:  # noqa: BLE001 - best effort: the state API below may still answer
+        lines.append(f"(no resource demands from the GCS: {type(exc).__name__}: {exc})")
     try:
         from ray.util.state import list_actors, list_placement_groups, list_tasks
 
-        tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=500, raise_on_missing_output=False)
-        counts = Counter((t.name, _fmt(t.required_resources or {})) for t in tasks)
+        options = {"address": gcs, "limit": 500, "raise_on_missing_output": False}
+        tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], **options)
+        counts = Counter((t.name, _fmt(t.required_resources)) for t in tasks if t.required_resources)
         for (name, needs), n in counts.most_common(limit):
             lines.append(f"{n} task(s) {name} waiting for {needs}")
-        for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], limit=limit, raise_on_missing_output=False):
+        actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], **options)
+        for a in [a for a in actors if not a.class_name.startswith("_")][:limit]:  # not Ray Data's own helpers
             lines.append(f"actor {a.class_name} waiting to be placed")
-        for pg in list_placement_groups(filters=[("state", "=", "PENDING")], limit=limit,
-                                        raise_on_missing_output=False):
+        for pg in list_placement_groups(filters=[("state", "=", "PENDING")], **options)[:limit]:
             lines.append(f"placement group {pg.name or pg.placement_group_id[:8]} waiting for "
                          + " + ".join(_fmt(b.get("unit_resources", {})) for b in pg.bundles or []))
     except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; say so instead of failing
         lines.append(f"(Ray's state API did not answer: {type(exc).__name__}: {exc})")
+    lines += _data_operators(limit)
     try:
         total, free = ray.cluster_resources(), ray.available_resources()
-        lines.append(f"free: {_fmt({k: free.get(k, 0.0) for k in ('CPU', 'GPU') if k in total})} of "
+        lines.append(f"free: {_fmt({k: free.get(k, 0.0) for k in ('CPU', 'GPU') if k in total}) or '0 CPU'} of "
                      f"{_fmt({k: total[k] for k in ('CPU', 'GPU') if k in total})}")
     except Exception:  # noqa: BLE001
         pass
-    return "; ".join(lines) if lines else "nothing pending in Ray"
+    return "; ".join(lines)
+
+
+def _data_operators(limit: int) -> list[str]:
+    """Ray Data's running datasets of this job and their unfinished operators, from Ray Data's stats actor."""
+    import ray
+
+    try:
+        from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+        actor = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+        datasets = ray.get(actor.get_datasets.remote(ray.get_runtime_context().get_job_id()), timeout=10)
+    except Exception:  # noqa: BLE001 - no dataset ran in this job, or an older Ray: nothing to add
+        return []
+    lines = []
+    for tag, state in datasets.items():
+        if state.get("state") in ("FINISHED", "FAILED"):
+            continue
+        ops = [f"{name} {op.get('state', '?').lower()} {op.get('progress', 0)}/{op.get('total', 0) or '?'} "
+               f"blocks, {op.get('queued_blocks', 0)} queued" for name, op in (state.get("operators") or {}).items()
+               if op.get("state") != "FINISHED"]
+        lines.append(f"Ray Data {tag}: {'; '.join(ops[:limit]) or state.get('state')}")
+    return lines[:limit]
 
 
 _ACTIVE: list["Watchdog"] = []

@@ -3,9 +3,9 @@
 * The fit check (no Ray): the default training and evaluation configs do not fit one 2-CPU node or two 1-CPU
   nodes beside Ray Data's CPU, and the message names the numbers and the override; `auto` sizes the group;
   an autoscaling cluster is waited for, with a line saying what for.
-* The watchdog, on the session cluster: a Ray Data pipeline made to stall (its map needs a resource no node has)
-  is reported with Ray's pending demand and failed past the second limit; the pipeline then finishes when a node
-  with that resource joins.
+* The watchdog, on the session cluster: a Ray Data pipeline made to stall (its map asks for 3 CPUs, more than
+  any node has) is reported with Ray's pending demand and the waiting operator, and failed past the second
+  limit; the pipeline then finishes when a node big enough joins.
 * Real clusters through `ray job submit` (slow): `ray start --head --num-cpus=2`, and a head plus a worker of
   1 CPU each. The default training and evaluation configs exit 2 within seconds with the message (before any
   preprocessing); training with `train.num_workers=auto` on a small run finishes.
@@ -86,13 +86,12 @@ def test_watchdog_warns_then_fails_and_progress_keeps_it_quiet():
 
 
 def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
-    """The pipeline's map asks for a resource no node has: the report names the waiting tasks and what they
-    need; a node that has it joins, and the pipeline finishes."""
+    """The pipeline's map asks for more CPUs than a node has: the report names the demand and the operator; a
+    node big enough joins, and the pipeline finishes."""
     import ray
 
     failures, lines = [], []
-    dataset = ray.data.range(4, override_num_blocks=2).map_batches(_identity, resources={"stgpt_stall": 1},
-                                                                  num_cpus=0.1)
+    dataset = ray.data.range(4, override_num_blocks=2).map_batches(_identity, num_cpus=3)
     rows: list = []
     runner = threading.Thread(target=lambda: rows.extend(dataset.iter_rows()), daemon=True)
     node = None
@@ -103,15 +102,17 @@ def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
             time.sleep(0.2)
     try:
         assert failures, lines
-        assert re.search(r"task\(s\) \S*MapBatches\(_identity\)\S* waiting for .*1 stgpt_stall", failures[0]), failures
-        assert "free:" in failures[0]
-        node = ray_cluster.add_node(num_cpus=0, resources={"stgpt_stall": 2})
+        assert failures[0].startswith("stalled: no row finished for"), failures
+        assert re.search(r"resource demands: [^;]*\{3 CPU\}", failures[0]), failures
+        assert re.search(r"Ray Data \S+: .*MapBatches\(_identity\)", failures[0]), failures
+        assert any(line.startswith("no row finished for") for line in lines), lines  # the warning came first
+        node = ray_cluster.add_node(num_cpus=3, object_store_memory=200 * 1024**2)
         runner.join(timeout=120)
         assert sorted(r["id"] for r in rows) == [0, 1, 2, 3]
     finally:
         if node is not None:
             ray_cluster.remove_node(node)
-    assert "nothing pending" in pending_report() or "waiting" not in pending_report()
+    assert "{3 CPU}" not in pending_report()
 
 
 def _identity(batch):
