@@ -318,7 +318,8 @@ def pending_report(limit: int = 8) -> str:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         demands = get_cluster_status(gcs).resource_demands
-        shapes = [f"{r.count} x {{{_fmt(r.bundle)}}}" for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
+        shapes = [f"{r.count} x {{{_fmt(r.bundle)}}}"
+                  for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
         shapes += [f"placement group {{{' + '.join(_fmt(r.bundle) for r in d.bundles_by_count)}}}"
                    for d in demands.placement_group_demand]
         lines.append(f"resource demands: {', '.join(shapes[:limit]) or 'none'}")

@@ -93,7 +93,15 @@ def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
     failures, lines = [], []
     dataset = ray.data.range(4, override_num_blocks=2).map_batches(_identity, num_cpus=3)
     rows: list = []
-    runner = threading.Thread(target=lambda: rows.extend(dataset.iter_rows()), daemon=True)
+    errors: list = []
+
+    def run() -> None:
+        try:
+            rows.extend(dataset.iter_rows())
+        except Exception as exc:  # noqa: BLE001 - shown by the assertion below
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
     node = None
     with Watchdog("row", warn_s=2, fail_s=6, on_fail=failures.append, log=lines.append, interval_s=0.5):
         runner.start()
@@ -107,8 +115,8 @@ def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
         assert re.search(r"Ray Data \S+: .*MapBatches\(_identity\)", failures[0]), failures
         assert any(line.startswith("no row finished for") for line in lines), lines  # the warning came first
         node = ray_cluster.add_node(num_cpus=3, object_store_memory=200 * 1024**2)
-        runner.join(timeout=120)
-        assert sorted(r["id"] for r in rows) == [0, 1, 2, 3]
+        runner.join(timeout=300)
+        assert sorted(r["id"] for r in rows) == [0, 1, 2, 3], (errors, pending_report())
     finally:
         if node is not None:
             ray_cluster.remove_node(node)
