@@ -254,7 +254,7 @@ def preprocessing_plan(cfg: Config) -> Plan:
 
 def serving_plan(min_replicas: int, ray_actor_options: dict[str, Any]) -> Plan:
     bundle = {"CPU": float(ray_actor_options.get("num_cpus", 1.0)), "GPU": float(ray_actor_options.get("num_gpus", 0))}
-    return Plan("serving", [Group("replica(s)", max(1, min_replicas), bundle, "autoscaling_config.min_replicas")])
+    return Plan("serving", [Group("replica(s)", max(1, min_replicas), bundle, "min_replicas")])
 
 
 def fit_training(cfg: Config, log: Callable[[str], None] = print) -> Config:
