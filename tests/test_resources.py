@@ -90,6 +90,9 @@ def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
     node big enough joins, and the pipeline finishes."""
     import ray
 
+    def _identity(batch):  # defined here so Ray pickles it by value (workers cannot import this test module)
+        return batch
+
     failures, lines = [], []
     dataset = ray.data.range(4, override_num_blocks=2).map_batches(_identity, num_cpus=3)
     rows: list = []
@@ -121,10 +124,6 @@ def test_watchdog_reports_a_stalled_ray_data_pipeline(ray_cluster):
         if node is not None:
             ray_cluster.remove_node(node)
     assert "{3 CPU}" not in pending_report()
-
-
-def _identity(batch):
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
