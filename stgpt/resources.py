@@ -6,8 +6,8 @@ a job starts its workers it builds a `Plan` (groups of equal bundles: training w
 replicas, plus the CPUs its data pipeline keeps beside them) and `ensure_fits` compares it with the alive nodes:
 it fits, or it shrinks a group whose size is `auto`, or, on a cluster with an autoscaler, it waits (saying for
 what) up to `cluster.wait_for_nodes_s`, or it raises `ResourceError` naming the numbers and the override that
-fixes it (jobs exit 2). `data_placement_group` reserves training's data CPUs as a placement group that Ray Data
-runs in (Ray 2.60 then takes the group's bundles as its whole budget), so they stay free beside the workers.
+fixes it (jobs exit 2). The CPUs left beside the workers are Ray Data's budget (Ray Train 2.60 gives Ray Data
+what the cluster has outside the workers' placement group).
 `Watchdog` watches a job's progress (`beat()`, or a probe such as a heartbeat file's mtime) and reports what Ray
 has pending when nothing finished for `cluster.stall_warn_s`, failing past `cluster.stall_fail_s`.
 """
@@ -267,40 +267,6 @@ def fit_evaluation(cfg: Config, log: Callable[[str], None] = print) -> Config:
     """`cfg` with `evaluate.num_actors` a number that fits the connected cluster beside Ray Data's reads."""
     fitted = ensure_fits(evaluation_plan(cfg), cfg.cluster, log)
     return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, num_actors=fitted.groups[0].count))
-
-
-class data_placement_group:
-    """Reserve `cpus` CPUs as a placement group and run the given datasets' tasks in it (context manager).
-
-    Ray 2.60's Ray Data, given a PlacementGroupSchedulingStrategy, takes the group's bundles as its whole budget
-    (`PlacementGroupClusterAutoscaler.get_total_resources`), so the pipeline neither waits for CPUs that the
-    training workers hold nor grows into them; the group is removed on exit."""
-
-    def __init__(self, datasets: Sequence[Any], cpus: float):
-        self.datasets, self.cpus, self.pg = list(datasets), cpus, None
-
-    def __enter__(self) -> "data_placement_group":
-        if self.cpus <= 0:
-            return self
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        whole, part = int(self.cpus), self.cpus - int(self.cpus)
-        bundles = [{"CPU": 1.0}] * whole + ([{"CPU": part}] if part > 1e-9 else [])
-        self.pg = placement_group(bundles, strategy="PACK", name="stgpt-data")
-        ray.get(self.pg.ready())
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_capture_child_tasks=True)
-        for dataset in self.datasets:
-            dataset.context.scheduling_strategy = strategy
-            dataset.context.scheduling_strategy_large_args = strategy
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self.pg)
 
 
 # ----------------------------------------------------------------------------------------------------------

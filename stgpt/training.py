@@ -55,7 +55,7 @@ from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
 from stgpt.model import (build_model, generation_config, load_checkpoint, save_checkpoint, tokenize_captions,
                          train_tokenizer)
-from stgpt.resources import Heartbeat, Watchdog, data_placement_group, fit_training, heartbeat_probe
+from stgpt.resources import Heartbeat, Watchdog, fit_training, heartbeat_probe
 from stgpt.shards import ShardRowError, list_shards, row_frames
 from stgpt.transforms import resize_and_crop, to_pixel_values
 
@@ -723,9 +723,8 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     )
     log(f"training on {len(captions)} videos ({num_samples} samples/epoch, {len(train_paths)} train shards, "
         f"{len(val_paths)} validation shards) with {t.num_workers} worker(s); output: {output_dir}")
-    # Ray Data runs in a placement group of cluster.data_cpus CPUs, reserved before the workers' group.
-    with (data_placement_group(datasets.values(), cfg.cluster.data_cpus),
-          Watchdog.from_config("training step", cfg.cluster, on_fail=on_stall, log=log,
+    # fit_training left cluster.data_cpus CPUs beside the workers' placement group: Ray Data's budget.
+    with (Watchdog.from_config("training step", cfg.cluster, on_fail=on_stall, log=log,
                                probe=heartbeat_probe(output_dir / HEARTBEAT_FILE)),
           EpochProgress(output_dir / PROGRESS_FILE, t.epochs, log)):
         result = trainer.fit()

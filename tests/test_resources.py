@@ -157,7 +157,7 @@ def test_default_configs_exit_2_with_the_message_on_a_small_cluster(tmp_path, wo
         assert "evaluate.num_actors=1" in result.stdout and result.returncode != 0, result.stdout[-3000:]
         if workers:  # the same small run, fitted: finishes on two 1-CPU nodes
             result, _ = _submit(cluster, ["jobs/train.py", "--config", "configs/tiny.yaml", "train.num_workers=auto",
-                                          *SMALL_RUN], tmp_path, timeout=600)
+                                          *SMALL_RUN], tmp_path, timeout=900)
             assert result.returncode == 0, result.stdout[-5000:]
             assert "train.num_workers=auto: 1 training worker(s)" in result.stdout
             assert (tmp_path / "train" / "best" / "config.json").exists()
