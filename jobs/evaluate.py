@@ -10,11 +10,14 @@
 annotation file whose videos are in --videos. With no --checkpoint: <train.output_dir>/best if training left
 one, else a tiny untrained model (the job says so). Writes generated_captions.json, metrics.json,
 per_video_scores.jsonl and errors.jsonl to --output (default evaluate.output_dir) and prints the table.
-Exit status: 0 scored; 1 ran, but nothing could be scored; 2 nothing done (bad arguments or inputs).
+Exit status: 0 scored; 1 ran, but nothing could be scored, or it stalled (cluster.stall_fail_s); 2 nothing
+done (bad arguments or inputs, or the actors do not fit the cluster: the message names the override).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from stgpt.annotations import AnnotationError  # noqa: E402
 from stgpt.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
 from stgpt.evaluation import (EvaluationError, evaluate, resolve_checkpoint, resolve_input,  # noqa: E402
                               score_files)
+from stgpt.resources import ResourceError, Watchdog, exit_stalled, fit_evaluation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,23 +60,32 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             started = not ray.is_initialized()
-            if started:
-                ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
+            if started:  # the cluster of RAY_ADDRESS (`ray job submit` sets it), else a local one that fits
+                ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(address="local", num_cpus=_local_cpus(cfg))
             try:
-                inputs = resolve_input(args.data, cfg, videos=args.videos, references=args.references)
-                checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
-                result = evaluate(inputs, checkpoint, cfg, output, untrained=untrained)
+                cfg = fit_evaluation(cfg)  # before any work: too big for the cluster is exit 2 now, not a hang
+                with Watchdog.from_config("caption", cfg.cluster, on_fail=exit_stalled):
+                    inputs = resolve_input(args.data, cfg, videos=args.videos, references=args.references)
+                    checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
+                    result = evaluate(inputs, checkpoint, cfg, output, untrained=untrained)
             finally:
                 if started:
                     ray.shutdown()  # stop our workers before exit, rather than have them killed mid-teardown
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (AnnotationError, ConfigError, FileNotFoundError, NotADirectoryError) as exc:
+    except (AnnotationError, ConfigError, ResourceError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.format())
     return 0
+
+
+def _local_cpus(cfg) -> int:
+    """A local Ray's CPUs: the machine's, or as many as the captioning actors and Ray Data's reads ask for."""
+    e = cfg.evaluate
+    actors = e.num_actors if isinstance(e.num_actors, int) else 1
+    return max(os.cpu_count() or 1, math.ceil(actors * e.cpus_per_actor + cfg.cluster.data_cpus))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/pre
 from stgpt.annotations import AnnotationError  # noqa: E402
 from stgpt.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
 from stgpt.preprocessing import PreprocessError, SplitInput, preprocess, split_name  # noqa: E402
+from stgpt.resources import ResourceError, Watchdog, ensure_fits, exit_stalled, preprocessing_plan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not ray.is_initialized():
             ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
-        summary = preprocess(sources, output, cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    except (AnnotationError, ConfigError, PreprocessError, FileNotFoundError, NotADirectoryError) as exc:
+        ensure_fits(preprocessing_plan(cfg), cfg.cluster)  # one decoding actor at least: else exit 2 now
+        with Watchdog.from_config("video", cfg.cluster, on_fail=exit_stalled):
+            summary = preprocess(sources, output, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    except (AnnotationError, ConfigError, PreprocessError, ResourceError, FileNotFoundError,
+            NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.format())

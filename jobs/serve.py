@@ -18,7 +18,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
+from stgpt.config import CONFIG_DIR, ClusterConfig, load_config  # noqa: E402
+from stgpt.resources import ResourceError, ensure_fits, serving_plan  # noqa: E402
 from stgpt.serving import build_app, load_serve_file, resolve_checkpoint  # noqa: E402
 from stgpt.serving_guard import MAX_UPLOAD_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, TOKEN_ENV  # noqa: E402
 
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
               f"(set {TOKEN_ENV} or serve.auth_token)", file=sys.stderr, flush=True)
     # RAY_ADDRESS joins a running cluster on purpose; otherwise start a fresh local Ray, never someone else's.
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    deployment = app_args.get("deployment") or {}
+    replicas = deployment.get("num_replicas") or (deployment.get("autoscaling_config") or {}).get("min_replicas", 1)
+    try:  # replicas that cannot be placed would leave serve.run waiting with no word
+        ensure_fits(serving_plan(replicas, deployment.get("ray_actor_options") or {}), ClusterConfig())
+    except ResourceError as exc:
+        print(f"error: {exc} (or --num-replicas, ray_actor_options in {args.config})", file=sys.stderr)
+        sys.exit(2)
     serve.start(http_options=http, proxy_location=spec.proxy_location)
     app = build_app(app_args)
     serve.run(app, name=spec.name, route_prefix=spec.route_prefix)

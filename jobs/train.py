@@ -11,6 +11,8 @@ the synthetic test split and the colour / shape / motion accuracy of its caption
 
 Output: `<train.output_dir>/best` (a plain Hugging Face checkpoint: the job's result), `tensorboard/`,
 `summary.json`. Re-running with the same `train.output_dir` resumes from the latest checkpoint.
+Exit status 2: the job cannot fit the cluster (the message names the numbers and the override); 1: it stalled
+for `cluster.stall_fail_s` (the message says what Ray has pending).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/train.py` from a checkout
 
 from stgpt.config import CONFIG_DIR, load_config  # noqa: E402
+from stgpt.resources import ResourceError, Watchdog, exit_stalled, fit_training  # noqa: E402
 from stgpt.training import (init_local_ray, local_ray_cpus, prepare_synthetic_shards, run_training,  # noqa: E402
                             synthetic_accuracy)
 
@@ -43,10 +46,16 @@ def main(argv: list[str] | None = None) -> int:
             ray.init()
         else:  # local: leave Ray Data at least one CPU beside the training workers
             init_local_ray(num_cpus=local_ray_cpus(cfg))
+    try:  # before any work: a job that cannot fit the cluster says so now instead of hanging later
+        cfg = fit_training(cfg)
+    except ResourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     synthetic = cfg.data.annotations is None
     if synthetic:
-        prepare_synthetic_shards(cfg)
-    result = run_training(cfg)
+        with Watchdog.from_config("video preprocessing", cfg.cluster, on_fail=exit_stalled):
+            prepare_synthetic_shards(cfg)
+    result = run_training(cfg, on_stall=exit_stalled)
     print(f"best checkpoint: {result.best_dir}  ({cfg.train.checkpoint_metric}="
           f"{result.best_metrics.get(cfg.train.checkpoint_metric)}, epoch {result.best_metrics.get('epoch')})")
     print(f"tensorboard --logdir {Path(cfg.train.output_dir).resolve() / 'tensorboard'}")

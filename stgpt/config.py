@@ -1,9 +1,9 @@
 """Typed configuration shared by every job: YAML files in `configs/` plus `key=value` overrides.
 
 A config file has one section per concern (`video`, `model`, `encoder`, `generation`, `data`, `preprocess`,
-`train`, `evaluate`, `serve`); each maps onto a dataclass below. Overrides use dotted keys, and values are parsed as YAML
-scalars, so `train.lr=1e-4 train.use_gpu=true model.kind=tiny` do what they look like. An unknown key or a value
-of the wrong type is an error that names the key, not a silent no-op.
+`train`, `evaluate`, `serve`, `caption`, `cluster`); each maps onto a dataclass below. Overrides use dotted keys,
+and values are parsed as YAML scalars, so `train.lr=1e-4 train.use_gpu=true model.kind=tiny` do what they look
+like. An unknown key or a value of the wrong type is an error that names the key, not a silent no-op.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -120,7 +120,7 @@ class TrainConfig:
     """jobs/train.py: workers and devices, optimisation, checkpoints and faults (see stgpt/training.py)."""
 
     output_dir: str = "outputs/train"
-    num_workers: int = 2
+    num_workers: Union[int, Literal["auto"]] = 2  # auto: as many as the cluster holds beside Ray Data's CPUs
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     batch_size: int = 8  # per worker
@@ -148,7 +148,7 @@ class EvaluateConfig:
     """jobs/evaluate.py: the pool of captioning actors, the split to caption, and how scoring is reported."""
 
     output_dir: str = "outputs/eval"
-    num_actors: int = 2  # captioning actors, each loading the checkpoint once
+    num_actors: Union[int, Literal["auto"]] = 2  # captioning actors, each loading the checkpoint once (auto: fit)
     use_gpu: bool = False  # one GPU per actor
     cpus_per_actor: float = 1.0
     batch_size: int = 8  # videos per beam search
@@ -188,6 +188,17 @@ class ServeConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """How a job fits the cluster it lands on, and when a job that stopped moving gives up (stgpt/resources.py)."""
+
+    data_cpus: float = 1.0  # CPUs kept free beside training workers / captioning actors for Ray Data's reads
+    autoscaling: Optional[bool] = None  # None: ask Ray whether an autoscaler runs; true/false to say so
+    wait_for_nodes_s: float = 900.0  # autoscaling clusters: how long to wait for nodes the job needs
+    stall_warn_s: float = 300.0  # nothing finished (step, row, caption) this long: print what is pending
+    stall_fail_s: float = 1800.0  # ... this long: fail with that report (0: never)
+
+
+@dataclass
 class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +210,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,8 +269,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": expected ", 1)[-1].split(", got ")[0])
+        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected {' or '.join(repr(a) for a in args)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -41,6 +41,7 @@ import numpy as np
 from stgpt.annotations import VideoAnnotation, find_video_files, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
 from stgpt.model import ensure_tiny_checkpoint
+from stgpt.resources import AUTO, beat, fit_evaluation
 from stgpt.training import BEST_DIR
 
 GENERATED_CAPTIONS = "generated_captions.json"
@@ -278,7 +279,7 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
     start = time.perf_counter()
     rows = len(inputs.video_ids)
     outputs: list[dict[str, Any]] = []
-    num_actors = ecfg.num_actors
+    num_actors = fit_evaluation(cfg, log).evaluate.num_actors if ecfg.num_actors == AUTO else ecfg.num_actors
     if inputs.kind == "shards":
         num_actors = _actors_leaving_a_cpu(num_actors, ecfg.cpus_per_actor, log)
     log(f"captioning {rows} rows of {inputs.source} with {checkpoint} on {num_actors} actor(s) "
@@ -309,7 +310,9 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
         # small split, and a pool the cluster cannot hold (no GPUs) fails with a message instead of waiting.
         dataset.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         try:
-            outputs = list(dataset.iter_rows())
+            for row in dataset.iter_rows():
+                outputs.append(row)
+                beat()  # a caption (or an error) finished: progress for the job's stall watchdog
         except ray.exceptions.GetTimeoutError:
             raise EvaluationError(
                 f"{num_actors} captioning actor(s) of {ecfg.cpus_per_actor:g} CPU and {int(ecfg.use_gpu)} GPU "

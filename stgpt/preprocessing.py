@@ -83,6 +83,7 @@ import pyarrow.parquet as pq
 
 from stgpt.annotations import MISSING_VIDEO, VideoFile, find_video_files, load_annotations
 from stgpt.config import Config, PreprocessConfig, VideoConfig
+from stgpt.resources import beat
 from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_file_name
 
 FORMAT_VERSION = 1
@@ -908,7 +909,9 @@ def _run_pieces(pieces: list[Piece], output: str, cfg: Config) -> Iterator[dict[
         compute=compute,
         **remote_args,
     )
-    yield from dataset.iter_rows()
+    for row in dataset.iter_rows():
+        beat()  # a piece finished: progress for the job's stall watchdog (stgpt.resources)
+        yield row
 
 
 @functools.cache

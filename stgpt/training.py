@@ -56,12 +56,14 @@ from stgpt.device import autocast, resolve_precision
 from stgpt.encoder import apply_encoder_options
 from stgpt.model import (build_model, generation_config, load_checkpoint, save_checkpoint, tokenize_captions,
                          train_tokenizer)
+from stgpt.resources import Heartbeat, Watchdog, fit_training, heartbeat_probe
 from stgpt.shards import ShardRowError, list_shards, row_frames
 from stgpt.transforms import resize_and_crop, to_pixel_values
 
 STATE_FILE = "training_state.pt"  # optimiser, scheduler, scaler, progress: in Ray's checkpoints, not in best/
 BEST_DIR = "best"
 PROGRESS_FILE = "epochs.jsonl"  # one line of metrics per finished epoch, appended by rank 0 (EpochProgress)
+HEARTBEAT_FILE = ".heartbeat"  # touched by rank 0 as steps finish, for the driver's stall watchdog
 RUN_NAME = "ray"  # Ray Train's run folder under train.output_dir; a fixed name is what makes re-runs resume
 SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width", "captions"]
 MAX_CAPTION_TOKENS = 64
@@ -671,12 +673,17 @@ def prepare_tokenizer(cfg: Config, captions: Iterable[str], output_dir: Path) ->
     return {p.name: p.read_text(encoding="utf-8") for p in folder.iterdir() if p.is_file()}
 
 
-def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], None] = print) -> TrainResult:
+def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], None] = print,
+                 on_stall: Callable[[str], None] | None = None) -> TrainResult:
     """Fine-tune as `cfg` says on the connected Ray cluster (`ray.init` first); export the best checkpoint to
-    `<train.output_dir>/best` and return where everything is. Re-running with the same output_dir resumes."""
+    `<train.output_dir>/best` and return where everything is. Re-running with the same output_dir resumes.
+
+    `train.num_workers` is fitted to the cluster first (stgpt.resources: `auto` sized, too many refused with
+    ResourceError); no step finishing for `cluster.stall_fail_s` calls `on_stall(report)` (jobs exit)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = fit_training(cfg, log)
     t = cfg.train
     start = time.perf_counter()
     output_dir = Path(t.output_dir).resolve()
@@ -701,7 +708,6 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     datasets = {"train": shard_dataset(train_paths, expand_captions=expand)}
     if val_paths:
         datasets["validation"] = shard_dataset(val_paths)
-    _check_cpus(cfg, log)
 
     # A worker's ray.train.report waits until the controller has taken its previous report, and the controller
     # polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so metrics reported more often than
@@ -712,7 +718,8 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg, "tokenizer_files": tokenizer_files, "num_train_samples": num_samples,
-                           "has_validation": bool(val_paths), "hooks": list(hooks)},
+                           "has_validation": bool(val_paths),
+                           "hooks": [*hooks, Heartbeat(str(output_dir / HEARTBEAT_FILE))]},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -726,7 +733,10 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     )
     log(f"training on {len(captions)} videos ({num_samples} samples/epoch, {len(train_paths)} train shards, "
         f"{len(val_paths)} validation shards) with {t.num_workers} worker(s); output: {output_dir}")
-    with EpochProgress(output_dir / PROGRESS_FILE, t.epochs, log):
+    # fit_training left cluster.data_cpus CPUs beside the workers' placement group: Ray Data's budget.
+    with (Watchdog.from_config("training step", cfg.cluster, on_fail=on_stall, log=log,
+                               probe=heartbeat_probe(output_dir / HEARTBEAT_FILE)),
+          EpochProgress(output_dir / PROGRESS_FILE, t.epochs, log)):
         result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -825,7 +835,8 @@ def export_checkpoint(checkpoint, destination: Path) -> Path:
 
 def local_ray_cpus(cfg: Config) -> int:
     """CPUs for a local Ray that trains as `cfg` says: the workers' plus one for Ray Data, or the machine's."""
-    return max(os.cpu_count() or 1, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + 1))
+    workers = cfg.train.num_workers if isinstance(cfg.train.num_workers, int) else 1  # auto: fits what there is
+    return max(os.cpu_count() or 1, math.ceil(workers * cfg.train.cpus_per_worker + cfg.cluster.data_cpus))
 
 
 def init_local_ray(num_cpus: int, **kwargs) -> None:
@@ -845,17 +856,6 @@ def init_local_ray(num_cpus: int, **kwargs) -> None:
         port = probe.getsockname()[1]
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
-
-
-def _check_cpus(cfg: Config, log: Callable[[str], None]) -> None:
-    """Ray Data's read tasks need a CPU the training workers leave free; say so rather than hang."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    needed = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if total - needed < 1:
-        log(f"warning: the cluster has {total:g} CPUs and training takes {needed:g}; Ray Data needs at least one "
-            "more to read the shards (start Ray with more CPUs, or lower train.num_workers / train.cpus_per_worker)")
 
 
 def _write_json(path: Path, value: Any) -> None:
