@@ -106,10 +106,10 @@ async def run_round_under_attack(url: str, videos: list[bytes], total: int, time
 
     async def attacker() -> None:
         async with httpx.AsyncClient(timeout=timeout_s) as client:
-            sent, index = [], 0
+            sent = []
             while not done.is_set():  # one a second, whether or not the last one was answered
+                index = sum(len(codes) for codes in answers.values()) + len(sent)  # rounds go on through the list
                 sent.append(asyncio.create_task(send(client, *hostile[index % len(hostile)])))
-                index += 1
                 try:
                     await asyncio.wait_for(done.wait(), 1.0)
                 except asyncio.TimeoutError:
