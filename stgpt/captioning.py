@@ -373,16 +373,14 @@ def caption_collection(videos: str | list[VideoInput], output: str, checkpoint: 
     inputs, listing_errors = list_inputs(videos) if isinstance(videos, str) else (sorted(videos, key=lambda v: v.video_id), [])
     folder = OutputFolder(output)
     settings = settings_of(checkpoint, cfg)
-    if folder.exists(MANIFEST):
+    if overwrite:
+        folder.clear()
+    elif folder.exists(MANIFEST):
         previous = json.loads(folder.read(MANIFEST)).get("settings")
         if previous != settings:
-            if not overwrite:
-                changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
-                raise CaptionError(f"{output} holds captions made with other settings ({', '.join(changed)}): "
-                                   "use another --output, or --overwrite to replace them")
-            folder.clear()
-    elif overwrite:
-        folder.clear()
+            changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+            raise CaptionError(f"{output} holds captions made with other settings ({', '.join(changed)}): "
+                               "use another --output, or --overwrite to replace them")
     size = max(1, ccfg.videos_per_part)
     parts = [inputs[i:i + size] for i in range(0, len(inputs), size)]
     kept = {k for k, videos_k in enumerate(parts) if _part_is_done(folder, k, videos_k)}
