@@ -15,10 +15,9 @@ import multiprocessing
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 from stgpt.config import VideoConfig
-from typing import Iterator
 
 from stgpt.video import (SampledVideo, SampledWindow, VideoDecodeError, VideoLimitError, VideoSource,
                          describe_source, read_windows, sample_video)
@@ -60,11 +59,9 @@ def sample_video_isolated(source: VideoSource, video: VideoConfig, name: str | N
         if child.is_alive():
             child.kill()
         child.join(5)
-    if status == "ok":
-        return value
-    if status == "limit":
-        raise VideoLimitError(label, value[0], value[1])
-    raise VideoDecodeError(label, value)
+    if status != "ok":
+        _raise(label, status, value)
+    return value
 
 
 def read_windows_isolated(source: VideoSource, video: VideoConfig, window_s: float, stride_s: float | None = None,
@@ -94,10 +91,8 @@ def read_windows_isolated(source: VideoSource, video: VideoConfig, window_s: flo
                 yield value
             elif status == "done":
                 return
-            elif status == "limit":
-                raise VideoLimitError(label, value[0], value[1])
             else:
-                raise VideoDecodeError(label, value)
+                _raise(label, status, value)
     finally:
         receiver.close()
         if child.is_alive():
@@ -114,15 +109,26 @@ def _windows_child_main(sender, source, video: VideoConfig, label: str, window_s
         for window in read_windows(source, video, window_s, stride_s, name=label):
             sender.send(("window", window))
         result: tuple[str, Any] = ("done", None)
-    except VideoLimitError as exc:
-        result = ("limit", (exc.limit, exc.reason.rsplit(" (limit: ", 1)[0]))
-    except VideoDecodeError as exc:
-        result = ("error", exc.reason)
-    except MemoryError:
-        result = ("error", f"the decoder ran out of its memory limit (video.decode_memory_mb={video.decode_memory_mb})")
     except Exception as exc:
-        result = ("error", f"unexpected {type(exc).__name__}: {exc}"[:500])
+        result = _failure(exc, video)
     sender.send(result)
+
+
+def _failure(exc: Exception, video: VideoConfig) -> tuple[str, Any]:
+    """What a child sends back for an exception; `_raise` turns it into the caller's error."""
+    if isinstance(exc, VideoLimitError):
+        return "limit", (exc.limit, exc.reason.rsplit(" (limit: ", 1)[0])
+    if isinstance(exc, VideoDecodeError):
+        return "error", exc.reason
+    if isinstance(exc, MemoryError):
+        return "error", f"the decoder ran out of its memory limit (video.decode_memory_mb={video.decode_memory_mb})"
+    return "error", f"unexpected {type(exc).__name__}: {exc}"[:500]
+
+
+def _raise(label: str, status: str, value: Any) -> None:
+    if status == "limit":
+        raise VideoLimitError(label, value[0], value[1])
+    raise VideoDecodeError(label, value)
 
 
 def _death(exitcode: int | None) -> str:
@@ -178,15 +184,8 @@ def _child_main(sender, source: str | bytes, video: VideoConfig, label: str) -> 
         if os.environ.get(FAULTS_ENV) == "1":
             _inject_fault(source)
         result: tuple[str, Any] = ("ok", sample_video(source, video, name=label))
-    except VideoLimitError as exc:
-        result = ("limit", (exc.limit, exc.reason.rsplit(" (limit: ", 1)[0]))
-    except VideoDecodeError as exc:
-        result = ("error", exc.reason)
-    except MemoryError:
-        result = ("error", f"the decoder ran out of its memory limit (video.decode_memory_mb="
-                           f"{video.decode_memory_mb})")
-    except Exception as exc:  # a decoder bug surfacing as an exception: this video's error, not the caller's
-        result = ("error", f"unexpected {type(exc).__name__}: {exc}"[:500])
+    except Exception as exc:  # a decoder bug surfacing as an exception too: this video's error, not the caller's
+        result = _failure(exc, video)
     try:
         sender.send(result)
     except MemoryError:
