@@ -92,14 +92,14 @@ def run_job(videos: str, output: str, actors: int, window: str) -> dict:
 
     from stgpt.captioning import caption_collection
     from stgpt.config import CONFIG_DIR, load_config
-    from stgpt.evaluation import resolve_checkpoint
+    from stgpt.checkpoints import choose
 
     overrides = [f"caption.num_actors={actors}", "caption.batch_size=8"]
     if window != "none":
         overrides += [f"caption.window_seconds={window}"]
     cfg = load_config(CONFIG_DIR / "tiny.yaml", overrides)
     ray.init(num_cpus=actors + 1, include_dashboard=False, log_to_driver=False)
-    checkpoint, _ = resolve_checkpoint(None, cfg)
+    checkpoint = choose(None, cfg).path
     start = time.perf_counter()
     summary = caption_collection(videos, output, checkpoint, cfg, overwrite=True, log=lambda _: None)
     seconds = time.perf_counter() - start
@@ -113,11 +113,11 @@ def run_serve(videos: str, concurrency: int) -> dict:
     from ray import serve
 
     from stgpt.config import CONFIG_DIR, load_config
-    from stgpt.evaluation import resolve_checkpoint
+    from stgpt.checkpoints import choose
     from stgpt.serving import build_app, load_serve_file
 
     cfg = load_config(CONFIG_DIR / "tiny.yaml")
-    checkpoint, _ = resolve_checkpoint(None, cfg)
+    checkpoint = choose(None, cfg).path
     spec = load_serve_file(CONFIG_DIR / "serve.yaml")
     deployment = {k: v for k, v in (spec.app_args.get("deployment") or {}).items() if k != "autoscaling_config"}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import machine_info, write_section  # noqa: E402
-from stgpt.serving import resolve_checkpoint  # noqa: E402
+from stgpt.checkpoints import choose  # noqa: E402
 
 MODES = ("batched", "unbatched")
 
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     settings["request_timeout_s"] = args.timeout_s
     deployment = {k: v for k, v in (spec.app_args.get("deployment") or {}).items() if k != "autoscaling_config"}
     deployment["num_replicas"] = 1
-    checkpoint, origin = resolve_checkpoint(args.checkpoint or spec.app_args.get("checkpoint"))
+    choice = choose(args.checkpoint or spec.app_args.get("checkpoint"))
+    checkpoint, origin = choice.path, choice.origin
     saved = load_checkpoint(checkpoint)
     generation = {k: getattr(saved.model.generation_config, k) for k in ("num_beams", "min_new_tokens",
                                                                           "max_new_tokens")}

@@ -191,6 +191,7 @@ class ServeConfig:
 class ClusterConfig:
     """How a job fits the cluster it lands on, and when a job that stopped moving gives up (stgpt/resources.py)."""
 
+    address: Optional[str] = None  # the Ray cluster jobs join (RAY_ADDRESS wins); None: a new local Ray
     data_cpus: float = 1.0  # CPUs kept free beside training workers / captioning actors for Ray Data's reads
     autoscaling: Optional[bool] = None  # None: ask Ray whether an autoscaler runs; true/false to say so
     wait_for_nodes_s: float = 900.0  # autoscaling clusters: how long to wait for nodes the job needs

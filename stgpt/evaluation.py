@@ -40,9 +40,8 @@ import numpy as np
 
 from stgpt.annotations import VideoAnnotation, find_video_files, load_annotations, load_predictions, save_predictions
 from stgpt.config import Config, ConfigError, GenerationConfig
-from stgpt.model import ensure_tiny_checkpoint
 from stgpt.resources import AUTO, beat, fit_evaluation
-from stgpt.training import BEST_DIR
+from stgpt.checkpoints import UNTRAINED_NOTE
 
 GENERATED_CAPTIONS = "generated_captions.json"
 METRICS_FILE = "metrics.json"
@@ -51,11 +50,6 @@ ERRORS_FILE = "errors.jsonl"
 
 # With no --checkpoint: training's best (<train.output_dir>/best) if there is one, else a tiny random-init model,
 # said loudly. Paths are relative to the working directory.
-UNTRAINED_CHECKPOINT = Path("outputs/eval/untrained-tiny")
-UNTRAINED_SEED = 0
-UNTRAINED_NOTE = ("UNTRAINED: a tiny random-init model, since there is no trained checkpoint at "
-                  "<train.output_dir>/best (run jobs/train.py first); its captions and scores mean nothing")
-
 ACTOR_START_TIMEOUT_S = 600  # loading a checkpoint is slow; a pool that cannot be placed at all fails after this
 SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width"]  # what the actors need of a shard row
 
@@ -530,26 +524,6 @@ def _write_text(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 # Defaults: which checkpoint, which data.
-
-
-def resolve_checkpoint(checkpoint: str | os.PathLike | None, cfg: Config) -> tuple[str, bool]:
-    """(checkpoint for the actors, whether it is untrained). Local directories become absolute paths, which
-    every node must be able to read (a shared filesystem); hub ids pass through.
-
-    With none given: training's best at `<train.output_dir>/best`, else a tiny untrained one built from `cfg`.
-    """
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        return (str(path.resolve()) if path.exists() else os.fspath(checkpoint)), False
-    trained = Path(cfg.train.output_dir) / BEST_DIR
-    if (trained / "config.json").exists():
-        return str(trained.resolve()), False
-    return str(ensure_untrained_checkpoint(UNTRAINED_CHECKPOINT, cfg).resolve()), True
-
-
-def ensure_untrained_checkpoint(out_dir: str | os.PathLike, cfg: Config) -> Path:
-    """The tiny random-init checkpoint that lets the job run before any training (see `ensure_tiny_checkpoint`)."""
-    return ensure_tiny_checkpoint(out_dir, cfg, seed=UNTRAINED_SEED)
 
 
 def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.PathLike | None = None,

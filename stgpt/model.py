@@ -179,46 +179,6 @@ def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str
     return labels
 
 
-def ensure_tiny_checkpoint(out_dir: str | Path, cfg: Config, seed: int = 0) -> Path:
-    """A tiny random-init checkpoint (seeded), built once in `out_dir`: the same files on every call and node.
-
-    It lets serving and evaluation run end to end before any training. Its tokenizer is trained on the synthetic
-    dataset's planned captions (no videos rendered); `cfg.model`'s tiny sizes and `cfg.video` shape the model.
-    Concurrent callers wait on a lock file, and the folder appears complete or not at all. Delete it to rebuild
-    after changing the config.
-    """
-    import copy
-    import fcntl
-    import os
-    import shutil
-    import tempfile
-
-    from stgpt.synthetic import plan_dataset
-
-    out = Path(out_dir)
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").exists():
-            return out
-        tiny = copy.deepcopy(cfg)
-        tiny.model.kind = "tiny"
-        plans = plan_dataset({"train": max(1, cfg.data.synthetic_train)}, seed=cfg.data.synthetic_seed)
-        captions = [caption for spec in plans["train"] for caption in spec.captions]
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            built = build_model(tiny, captions)
-        temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
-            save_checkpoint(built, temporary)
-            os.replace(temporary, out)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-    return out
-
-
 @torch.no_grad()
 def generate_captions(captioner: CaptionModel, pixel_values: torch.Tensor, **overrides) -> list[str]:
     """Beam-search captions for a batch of normalised pixel values `(B, T, 3, H, W)`."""

@@ -26,7 +26,7 @@ the same video, parameters and checkpoint give the same caption (tests/test_serv
 
 `build_app(args)` is the Serve `import_path` entry (`stgpt.serving:build_app`, see configs/serve.yaml); with no
 checkpoint it serves `outputs/train/best` if training left one there, else a tiny random-init demo checkpoint it
-builds once under `outputs/serve/tiny`.
+builds once under `outputs/demo/untrained` (stgpt/checkpoints.py).
 
 (No `from __future__ import annotations` here: FastAPI reads the route signatures of the ingress class at run
 time. Helpers the deployment calls are defined above it, because Serve pickles the class where it is decorated.)
@@ -53,49 +53,18 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from stgpt.config import CONFIG_DIR, Config, EncoderConfig, ServeConfig, load_config
+from stgpt.checkpoints import choose, ensure_demo_checkpoint
+from stgpt.config import EncoderConfig, ServeConfig, load_config
 from stgpt.isolation import sample_video_isolated
 from stgpt.serving_guard import authorized, token_from_env
 from stgpt.video import VideoDecodeError, VideoLimitError
 
 logger = logging.getLogger("ray.serve")
 
-# With no checkpoint named: training's best checkpoint if there is one, else a tiny demo model built here.
-TRAINED_CHECKPOINT = Path(Config().train.output_dir) / "best"  # outputs/train/best, relative to the working dir
-TINY_CHECKPOINT = Path("outputs/serve/tiny")
-TINY_CONFIG = CONFIG_DIR / "tiny.yaml"
-TINY_SEED = 0
-
 GENERATION_PARAMS = ("num_beams", "min_new_tokens", "max_new_tokens")  # what a request may set
 APP_ARGS = ("checkpoint", "serve", "generation", "deployment", "precision", "encoder")
 DEFAULT_MAX_ONGOING_REQUESTS = 32
 UPLOAD_FIELDS = ("video", "file")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Which checkpoint to serve.
-
-
-def ensure_tiny_checkpoint(out_dir: str | os.PathLike = TINY_CHECKPOINT) -> Path:
-    """The tiny demo checkpoint of configs/tiny.yaml, built once in `out_dir` (identical on every node)."""
-    from stgpt.model import ensure_tiny_checkpoint as build_once
-
-    cfg = load_config(TINY_CONFIG if TINY_CONFIG.exists() else None, ["model.kind=tiny"])
-    return build_once(out_dir, cfg, seed=TINY_SEED)
-
-
-def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[str, str]:
-    """(checkpoint to load, how it was chosen). Local directories become absolute; hub ids pass through."""
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if path.resolve() == TINY_CHECKPOINT.resolve():
-            return str(ensure_tiny_checkpoint(path).resolve()), "tiny random-init demo"
-        if path.exists():
-            return str(path.resolve()), "given"
-        return str(checkpoint), "given (hub id)"
-    if (TRAINED_CHECKPOINT / "config.json").exists():
-        return str(TRAINED_CHECKPOINT.resolve()), "trained (default)"
-    return str(ensure_tiny_checkpoint(TINY_CHECKPOINT).resolve()), "tiny random-init demo (default)"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,13 +184,13 @@ class CaptionDeployment:
     """A replica: one model, a decode thread pool, a batch queue for generation."""
 
     def __init__(self, checkpoint: str, settings: ServeConfig, generation: Optional[dict[str, Any]] = None,
-                 precision: str = "auto", tiny: bool = False, encoder: Optional[EncoderConfig] = None):
+                 precision: str = "auto", untrained: bool = False, encoder: Optional[EncoderConfig] = None):
         import ray
 
         from stgpt.inference import Captioner
 
-        if tiny and not Path(checkpoint, "config.json").exists():  # another node built it: build the same here
-            ensure_tiny_checkpoint(checkpoint)
+        if untrained:  # the demo checkpoint: built on the node that chose it; the same is built here if missing
+            ensure_demo_checkpoint(checkpoint)
         use_gpu = bool(ray.get_gpu_ids())  # only a GPU Ray gave this replica
         self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision, encoder=encoder)
         self.settings = settings
@@ -432,12 +401,12 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     overrides += [f"encoder.{key}={json.dumps(value)}" for key, value in (args.get("encoder") or {}).items()]
     cfg = load_config(None, overrides)  # type-checks every key
     generation = {key: getattr(cfg.generation, key) for key in (args.get("generation") or {})}
-    checkpoint, origin = resolve_checkpoint(args.get("checkpoint"))
-    logger.info("stgpt serving checkpoint %s [%s]", checkpoint, origin)
+    choice = choose(args.get("checkpoint"))
+    logger.info("stgpt serving checkpoint %s [%s]", choice.path, choice.origin)
     options = dict(args.get("deployment") or {})
     options.setdefault("max_ongoing_requests", max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * cfg.serve.max_batch_size))
     deployment = CaptionDeployment.options(**options)
-    return deployment.bind(checkpoint, cfg.serve, generation, args.get("precision", "auto"), "tiny" in origin,
+    return deployment.bind(choice.path, cfg.serve, generation, args.get("precision", "auto"), choice.untrained,
                            cfg.encoder)
 
 

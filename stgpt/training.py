@@ -51,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from stgpt.checkpoints import BEST_DIR
 from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
 from stgpt.encoder import apply_encoder_options
@@ -61,7 +62,6 @@ from stgpt.shards import ShardRowError, list_shards, row_frames
 from stgpt.transforms import resize_and_crop, to_pixel_values
 
 STATE_FILE = "training_state.pt"  # optimiser, scheduler, scaler, progress: in Ray's checkpoints, not in best/
-BEST_DIR = "best"
 PROGRESS_FILE = "epochs.jsonl"  # one line of metrics per finished epoch, appended by rank 0 (EpochProgress)
 HEARTBEAT_FILE = ".heartbeat"  # touched by rank 0 as steps finish, for the driver's stall watchdog
 RUN_NAME = "ray"  # Ray Train's run folder under train.output_dir; a fixed name is what makes re-runs resume

@@ -9,7 +9,7 @@ import pytest
 
 from stgpt.cli import main
 from stgpt.inference import Captioner
-from stgpt.serving import ensure_tiny_checkpoint
+from stgpt.checkpoints import ensure_demo_checkpoint
 from stgpt.synthetic import make_synthetic_dataset, write_damaged_videos
 
 
@@ -18,7 +18,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     dataset = make_synthetic_dataset(root / "data", num_videos={"test": 1}, size=(64, 64), num_frames=16)
     video = dataset.video_path(dataset.video_ids("test")[0])
-    return {"checkpoint": ensure_tiny_checkpoint(root / "tiny"), "video": video,
+    return {"checkpoint": ensure_demo_checkpoint(root / "tiny"), "video": video,
             "damaged": write_damaged_videos(root / "damaged", video)}
 
 

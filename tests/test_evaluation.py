@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stgpt.annotations import VideoAnnotation, load_annotations, load_references, save_annotations
+from stgpt.checkpoints import Choice, choose
 from stgpt.config import load_config
 from stgpt.evaluation import (
     ERRORS_FILE,
@@ -25,7 +26,6 @@ from stgpt.evaluation import (
     EvaluationError,
     _account,
     evaluate,
-    resolve_checkpoint,
     shard_input,
     video_input,
 )
@@ -281,12 +281,12 @@ def test_default_checkpoint_is_training_best_when_there(tmp_path, monkeypatch):
     best = tmp_path / "outputs" / "train" / "best"
     best.mkdir(parents=True)
     (best / "config.json").write_text("{}")
-    assert resolve_checkpoint(None, small_config()) == (str(best), False)
+    assert choose(None, small_config()) == Choice(str(best), False, "trained (default)")
     other = tmp_path / "runs" / "vatex" / "best"
     other.mkdir(parents=True)
     (other / "config.json").write_text("{}")
-    assert resolve_checkpoint(None, small_config("train.output_dir=runs/vatex")) == (str(other), False)
-    assert resolve_checkpoint("some-org/some-model", small_config()) == ("some-org/some-model", False)
+    assert choose(None, small_config("train.output_dir=runs/vatex")).path == str(other)
+    assert choose("some-org/some-model", small_config()) == Choice("some-org/some-model", False, "given (hub id)")
 
 
 def test_no_arguments_runs_the_default_on_the_synthetic_test_split(ray_cluster, tmp_path, monkeypatch, capsys):
@@ -304,7 +304,7 @@ def test_no_arguments_runs_the_default_on_the_synthetic_test_split(ray_cluster, 
     test_ids = [e.video_id for e in load_annotations(tmp_path / "outputs" / "data" / "annotations" / "test.json")]
     assert sorted(c["image_id"] for c in captions) == sorted(test_ids) and errors == []
     assert metrics["untrained"] is True and metrics["data_kind"] == "shards"
-    assert metrics["checkpoint"] == str(folder / "untrained-tiny")
+    assert metrics["checkpoint"] == str(tmp_path / "outputs" / "demo" / "untrained")
     assert metrics["attribute_accuracy"]["num_videos"] == 4
     assert sorted(p.name for p in (tmp_path / "outputs" / "shards").glob("test-part-*.parquet")) == [
         "test-part-00000-of-00001.parquet"]

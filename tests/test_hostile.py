@@ -158,10 +158,10 @@ def test_serve_job_listens_locally_and_its_proxy_refuses_before_the_body(tmp_pat
     import time
     from pathlib import Path
 
-    from stgpt.serving import ensure_tiny_checkpoint
+    from stgpt.checkpoints import ensure_demo_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
-    checkpoint = ensure_tiny_checkpoint(tmp_path / "tiny")
+    checkpoint = ensure_demo_checkpoint(tmp_path / "tiny")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

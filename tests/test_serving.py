@@ -15,7 +15,8 @@ import pytest
 
 from stgpt.config import CONFIG_DIR, ConfigError
 from stgpt.inference import Captioner
-from stgpt.serving import build_app, ensure_tiny_checkpoint, load_serve_file, resolve_checkpoint
+from stgpt.checkpoints import choose, ensure_demo_checkpoint
+from stgpt.serving import build_app, load_serve_file
 from stgpt.synthetic import encode_video, make_synthetic_dataset, plan_dataset, render_video, write_damaged_videos
 
 TOKEN = "test-token-0123456789"
@@ -35,7 +36,7 @@ def assets(tmp_path_factory):
     long_video = root / "long.mp4"
     spec = plan_dataset({"long": 1}, seed=1, size=(64, 64))["long"][0]
     encode_video(render_video(spec, (64, 64), num_frames=48), long_video, fps=8)  # 6 s
-    return {"checkpoint": ensure_tiny_checkpoint(root / "tiny"), "videos": videos, "long": long_video,
+    return {"checkpoint": ensure_demo_checkpoint(root / "tiny"), "videos": videos, "long": long_video,
             "damaged": write_damaged_videos(root / "damaged", videos[0])}
 
 
@@ -100,11 +101,12 @@ def assert_serves(client: httpx.Client, url: str, video) -> None:
 
 
 def test_tiny_checkpoint_is_rebuilt_identically(tmp_path, assets):
-    again = ensure_tiny_checkpoint(tmp_path / "tiny")
+    again = ensure_demo_checkpoint(tmp_path / "tiny")
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (again / name).read_bytes() == (assets["checkpoint"] / name).read_bytes(), name
-    assert resolve_checkpoint(again) == (str(again.resolve()), "given")
-    assert resolve_checkpoint("Neleac/timesformer-gpt2-video-captioning")[0] == "Neleac/timesformer-gpt2-video-captioning"
+    assert choose(again).path == str(again.resolve()) and choose(again).origin == "given"
+    hub = choose("Neleac/timesformer-gpt2-video-captioning")
+    assert (hub.path, hub.untrained) == ("Neleac/timesformer-gpt2-video-captioning", False)
 
 
 def test_app_args_are_checked(assets):
