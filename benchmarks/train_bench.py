@@ -40,7 +40,7 @@ WORK = ROOT / "outputs" / "bench-train"
 
 def make_shards(cfg: Config, num_train: int) -> Config:
     """The synthetic dataset with `num_train` training videos, preprocessed into a shard folder of its own."""
-    from stgpt.training import prepare_synthetic_shards
+    from stgpt.trainer import prepare_synthetic_shards
 
     folder = WORK / f"synthetic-{num_train}"
     data = dataclasses.replace(cfg.data, root=str(folder / "data"), shards=str(folder / "shards"),
@@ -57,8 +57,9 @@ def plain_loop(cfg: Config, epochs: int) -> dict:
     import torch
 
     from stgpt.model import build_model
-    from stgpt.training import (SHARD_COLUMNS, collate_rows, forward, make_optimizer, make_scheduler, prepare_tokenizer,
-                                read_captions, split_paths, steps_per_epoch, table_columns)
+    from stgpt.shard_data import SHARD_COLUMNS, collate_rows, read_captions, split_paths, table_columns
+    from stgpt.trainer import prepare_tokenizer
+    from stgpt.training import forward, make_optimizer, make_scheduler, steps_per_epoch
 
     t = cfg.train
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -104,7 +105,7 @@ def ray_loop(cfg: Config, name: str, num_workers: int, epochs: int) -> dict:
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from stgpt.training import run_training
+    from stgpt.trainer import run_training
 
     out = WORK / "runs" / name
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
@@ -201,9 +202,9 @@ def main() -> None:
     import ray
 
     base = load_config(CONFIG_DIR / "tiny.yaml", list(args.overrides))
-    from stgpt.training import init_local_ray
+    from stgpt.launch import start_local_ray
 
-    init_local_ray(num_cpus=max(3, os.cpu_count() or 1), log_to_driver=False)
+    start_local_ray(num_cpus=max(3, os.cpu_count() or 1), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = make_shards(base, args.videos)
     cfg4 = make_shards(base, 4 * args.videos)

@@ -11,46 +11,32 @@ Re-running into the same output resumes. Exit status: 0 done; 1 done, with error
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/caption.py` from a checkout
 
 from stgpt.captioning import CaptionError, VideoInput, caption_collection, synthetic_test_inputs  # noqa: E402
-from stgpt.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
-from stgpt.evaluation import resolve_checkpoint  # noqa: E402
+from stgpt.checkpoints import choose  # noqa: E402
+from stgpt.launch import connect, exits, job_parser, parse  # noqa: E402
+from stgpt.resources import Watchdog, exit_stalled  # noqa: E402
 
 
+@exits(usage=(CaptionError,))
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--videos", help="a folder or URI (recursive), a glob, or a .txt/.csv/.jsonl/.parquet list")
     parser.add_argument("--output", help="output folder or URI (default: caption.output_dir)")
     parser.add_argument("--checkpoint", help="checkpoint directory (readable from every node) or hub id")
-    parser.add_argument("--config", default=str(CONFIG_DIR / "tiny.yaml"), help="YAML config (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. caption.num_actors=4")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        import ray
-
-        started = not ray.is_initialized()
-        if started:
-            ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
-        try:
-            videos: str | list[VideoInput] = args.videos or synthetic_test_inputs(cfg)
-            checkpoint, untrained = resolve_checkpoint(args.checkpoint, cfg)
-            if untrained:
-                print(f"no trained checkpoint under {cfg.train.output_dir}: captioning with an untrained tiny model")
-            summary = caption_collection(videos, args.output or cfg.caption.output_dir, checkpoint, cfg,
-                                         overwrite=args.overwrite)
-        finally:
-            if started:
-                ray.shutdown()
-    except (CaptionError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args, cfg = parse(parser, argv)
+    videos: str | list[VideoInput] = args.videos or synthetic_test_inputs(cfg)
+    checkpoint = choose(args.checkpoint, cfg)
+    if checkpoint.untrained:
+        print(f"no trained checkpoint under {cfg.train.output_dir}: captioning with the untrained demo model")
+    with connect(cfg), Watchdog.from_config("caption", cfg.cluster, on_fail=exit_stalled):
+        summary = caption_collection(videos, args.output or cfg.caption.output_dir, checkpoint.path, cfg,
+                                     overwrite=args.overwrite)
     print(summary.format())
     return 1 if summary.errors else 0
 

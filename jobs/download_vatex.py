@@ -12,22 +12,21 @@ still failed after retries (listed in <videos>/failed.jsonl: run again later); 2
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/download_vatex.py` from a checkout
 
-from stgpt.annotations import AnnotationError  # noqa: E402
-from stgpt.config import ConfigError, load_config  # noqa: E402
+from stgpt.config import ConfigError  # noqa: E402
 from stgpt.download import DownloaderNotFound, download_vatex  # noqa: E402
+from stgpt.launch import connect, exits, job_parser, parse  # noqa: E402
 
 
+@exits(usage=(DownloaderNotFound,))
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__, config=None)
     parser.add_argument("--annotations", nargs="+", help="VATEX annotation file(s) (default: data.annotations)")
     parser.add_argument("--videos", help="folder to download into, local or s3://... (default: data.videos)")
-    parser.add_argument("--config", help="YAML config whose data section gives the defaults")
     parser.add_argument("--yt-dlp", dest="executable", default="yt-dlp", help="yt-dlp executable (default: on PATH)")
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per video for transient failures")
     parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubling")
@@ -35,25 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="downloads at once over the cluster")
     parser.add_argument("--exact-cuts", action="store_true", help="re-encode at the cuts for frame-exact clips")
     parser.add_argument("--retry-unavailable", action="store_true", help="ask again for videos recorded as gone")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.videos=/mnt/vatex")
-    args = parser.parse_args(argv)
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        annotations = args.annotations or ([cfg.data.annotations] if cfg.data.annotations else None)
-        videos = args.videos or cfg.data.videos
-        if not annotations or not videos:
-            raise ConfigError("give --annotations and --videos (or data.annotations and data.videos in --config)")
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()  # joins the cluster of RAY_ADDRESS or `ray job submit`, else starts a local one
+    args, cfg = parse(parser, argv)
+    annotations = args.annotations or ([cfg.data.annotations] if cfg.data.annotations else None)
+    videos = args.videos or cfg.data.videos
+    if not annotations or not videos:
+        raise ConfigError("give --annotations and --videos (or data.annotations and data.videos in --config)")
+    with connect(cfg):
         summary = download_vatex(annotations, videos, executable=args.executable, max_attempts=args.max_attempts,
                                  backoff_s=args.backoff, timeout_s=args.timeout, exact_cuts=args.exact_cuts,
                                  concurrency=args.concurrency, retry_unavailable=args.retry_unavailable)
-    except (AnnotationError, ConfigError, DownloaderNotFound, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(summary.format())
     if summary.failed:
         print(f"error: {len(summary.failed)} clips failed after {args.max_attempts} attempts (see "

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stgpt.config import CONFIG_DIR, ClusterConfig, load_config  # noqa: E402
 from stgpt.resources import ResourceError, ensure_fits, serving_plan  # noqa: E402
-from stgpt.serving import build_app, load_serve_file, resolve_checkpoint  # noqa: E402
+from stgpt.checkpoints import choose  # noqa: E402
+from stgpt.serving import build_app, load_serve_file  # noqa: E402
 from stgpt.serving_guard import MAX_UPLOAD_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, TOKEN_ENV  # noqa: E402
 
 
@@ -37,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = load_serve_file(args.config)
     app_args = dict(spec.app_args)
-    checkpoint, origin = resolve_checkpoint(args.checkpoint or app_args.get("checkpoint"))
-    app_args["checkpoint"] = checkpoint
-    print(f"Serving checkpoint {checkpoint} [{origin}]", flush=True)
+    choice = choose(args.checkpoint or app_args.get("checkpoint"))
+    app_args["checkpoint"] = choice.path
+    print(f"Serving checkpoint {choice.path} [{choice.origin}]", flush=True)
     for item in args.overrides:
         key, sep, value = item.partition("=")
         section, _, name = key.partition(".")

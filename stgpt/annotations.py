@@ -21,11 +21,13 @@ import os
 import posixpath
 import stat
 import urllib.parse
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from pyarrow import fs as pafs
+
+from stgpt import storage
 
 # Every container the reader decodes (stgpt/video.py), matched in any case. When one ID has several files, the
 # first extension here wins: the common web formats first (what yt-dlp writes), then the legacy ones.
@@ -90,7 +92,7 @@ def load_predictions(path: str | os.PathLike) -> dict[str, str]:
 
     A video ID predicted twice, or an entry with other than one caption, raises AnnotationError naming it.
     """
-    data = _read_bytes(path)
+    data = storage.read_bytes(path)
     if _looks_like_json(path, data):
         value = _parse_json(path, data)
         if isinstance(value, dict) and "annotations" not in value:
@@ -131,7 +133,7 @@ def save_annotations(
         entries.append({"videoID": annotation.video_id, "enCap": list(annotation.captions), **annotation.extra})
     records = [_vatex_record(path, index, entry) for index, entry in enumerate(entries)]
     _reject_duplicates(path, records)
-    _write_text(path, json.dumps(entries, ensure_ascii=False) + "\n")
+    storage.write_text(path, json.dumps(entries, ensure_ascii=False) + "\n")
 
 
 def save_predictions(predictions: Mapping[str, str], path: str | os.PathLike) -> None:
@@ -142,7 +144,7 @@ def save_predictions(predictions: Mapping[str, str], path: str | os.PathLike) ->
         if not isinstance(video_id, str) or not isinstance(caption, str):
             raise ValueError(f"predictions must map str to str, got {video_id!r}: {caption!r}")
         entries.append({"image_id": video_id, "caption": caption})
-    _write_text(path, json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
+    storage.write_text(path, json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,8 +204,6 @@ def find_video_files(video_ids: Iterable[str], folder: str | os.PathLike, filesy
     are paths within it. A folder that does not exist raises FileNotFoundError (a wrong folder is not "all videos
     missing").
     """
-    from pyarrow import fs as pafs
-
     folder_text = os.fspath(folder)
     if filesystem is not None:
         base, make_path = folder_text.rstrip("/") or "/", None
@@ -273,25 +273,11 @@ def _list_local(base: str) -> tuple[dict[str, VideoFile], dict[str, str]]:
 
 
 def _resolve_folder(folder: str):
-    """(filesystem, path within it, function from a listed path to one `from_uri` reopens)."""
-    from pyarrow import fs as pafs
-
-    if not _is_uri(folder):
-        folder = os.path.abspath(folder)
-    filesystem, base = pafs.FileSystem.from_uri(folder)
+    """(filesystem, path within it, function from a listed path to one `storage.filesystem` reopens)."""
+    filesystem, base = storage.filesystem(folder)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return filesystem, base, lambda path: path
-    return filesystem, base.rstrip("/") or "/", lambda path: child_uri(folder, posixpath.basename(path))
-
-
-def child_uri(folder_uri: str, name: str) -> str:
-    """The URI of file `name` in the folder at `folder_uri`, keeping its query (``?region=...``).
-
-    The name is percent-encoded, as `pyarrow.fs.FileSystem.from_uri` expects.
-    """
-    parts = urllib.parse.urlsplit(folder_uri)
-    path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(name)}"
-    return urllib.parse.urlunsplit(parts._replace(path=path))
+    return filesystem, base.rstrip("/") or "/", lambda path: storage.child(folder, posixpath.basename(path))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -300,7 +286,7 @@ def child_uri(folder_uri: str, name: str) -> str:
 
 def _read_records(path: str | os.PathLike) -> tuple[list[_Record], str]:
     """All entries of a file and its kind ("vatex", "coco" or "csv")."""
-    data = _read_bytes(path)
+    data = storage.read_bytes(path)
     if not _looks_like_json(path, data):
         return _csv_records(path, data), "csv"
     return _json_records(path, _parse_json(path, data))
@@ -492,44 +478,3 @@ def _looks_like_json(path, data: bytes) -> bool:
 
 def _type_name(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Bytes in and out, local or through pyarrow.
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _read_bytes(path: str | os.PathLike) -> bytes:
-    text = os.fspath(path)
-    if not _is_uri(text):
-        return Path(text).read_bytes()
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(text)
-    with filesystem.open_input_stream(inner) as stream:
-        return stream.read()
-
-
-def _write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text: locally via a temporary file renamed into place, elsewhere through pyarrow."""
-    target = os.fspath(path)
-    if _is_uri(target):
-        from pyarrow import fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(target)
-        with filesystem.open_output_stream(inner) as stream:
-            stream.write(text.encode("utf-8"))
-        return
-    target_path = Path(target)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    # open(), not mkstemp(): the file gets umask permissions, not 0600, so others can read it.
-    temporary = target_path.parent / f".{target_path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(temporary, "x", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, target_path)
-    finally:
-        temporary.unlink(missing_ok=True)

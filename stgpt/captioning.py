@@ -21,19 +21,21 @@ import json
 import os
 import posixpath
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import pyarrow as pa
+import ray
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from stgpt import storage
 from stgpt.annotations import VIDEO_EXTENSIONS
-from stgpt.config import Config, VideoConfig
+from stgpt.config import Config
+from stgpt.pipeline import caption_stages, decode_videos, pool_size
+from stgpt.resources import beat
 
 COLUMNS = ["video_id", "path", "window_index", "window_start_s", "window_end_s", "caption", "frame_indices",
            "num_source_frames", "model", "generation"]
@@ -89,7 +91,7 @@ def list_inputs(source: str) -> tuple[list[VideoInput], list[dict]]:
     are relative to the list's folder. Two inputs with one ID: the second is an error record.
     """
     text = os.fspath(source)
-    if text.lower().endswith(LIST_SUFFIXES) and not _is_dir(text):
+    if text.lower().endswith(LIST_SUFFIXES) and not storage.is_dir(text):
         pairs = _read_list(text)
     elif any(ch in text for ch in "*?["):
         pairs = _glob(text)
@@ -110,9 +112,10 @@ def list_inputs(source: str) -> tuple[list[VideoInput], list[dict]]:
 
 def _outside(source: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """Links in a local folder that lead outside it (or nowhere): not videos of that folder (README, paths)."""
-    if "://" in source and not source.startswith("file://") or not _is_dir(source):
+    local = storage.local_path(source)
+    if local is None or not storage.is_dir(source):
         return []
-    root = os.path.realpath(source.removeprefix("file://"))
+    root = os.path.realpath(local)
     refused = []
     for video_id, path in pairs:
         if os.path.islink(path) or os.path.realpath(path) != os.path.abspath(path):
@@ -125,15 +128,9 @@ def _outside(source: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str, 
 
 
 def _filesystem(path: str) -> tuple[Any, str, bool]:
-    if "://" in path and not path.startswith("file://"):
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        return filesystem, inner, True
-    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://")), False
-
-
-def _is_dir(path: str) -> bool:
-    filesystem, inner, _ = _filesystem(path)
-    return filesystem.get_file_info(inner).type == pafs.FileType.Directory
+    """(filesystem, path within it, whether it is remote storage)."""
+    filesystem, inner = storage.filesystem(path)
+    return filesystem, inner, storage.local_path(path) is None
 
 
 def _is_video(name: str) -> bool:
@@ -163,7 +160,7 @@ def _walk(folder: str) -> list[tuple[str, str]]:
 
 
 def _glob(pattern: str) -> list[tuple[str, str]]:
-    if "://" in pattern and not pattern.startswith("file://"):
+    if storage.local_path(pattern) is None:
         base = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)].rsplit("/", 1)[0]
         return [(vid, path) for vid, path in _walk(base) if fnmatch.fnmatch(path, pattern)]
     return [(Path(path).stem, os.path.abspath(path)) for path in sorted(glob.glob(pattern, recursive=True))
@@ -196,7 +193,7 @@ def _read_list(path: str) -> list[tuple[str, str]]:
         if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"].strip():
             raise CaptionError(f"--videos {path}: entry {number} has no 'path' (a list needs a path column)")
         video_path = row["path"].strip()
-        if "://" not in video_path and not os.path.isabs(video_path):
+        if not storage.is_uri(video_path) and not os.path.isabs(video_path):
             video_path = f"{base}/{video_path}" if remote else os.path.join(base, video_path)
         video_id = row.get("video_id")
         pairs.append((str(video_id) if video_id not in (None, "") else Path(video_path).stem, video_path))
@@ -214,132 +211,32 @@ def synthetic_test_inputs(cfg: Config) -> list[VideoInput]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The two stages: decoding on CPU workers, captioning on the model actors.
-
-
-def decode_windows(batch: dict[str, np.ndarray], video: VideoConfig, window_s: float | None,
-                   stride_s: float | None) -> Iterator[dict[str, list]]:
-    """Ray Data stage (one video a call): its windows, one row each as they are read, then an `end` row; or
-    one `error` row. Decoding runs in an isolated child (a crash or a bomb is this video's error)."""
-    from stgpt.isolation import read_windows_isolated, sample_video_isolated
-    from stgpt.video import SampledWindow, VideoDecodeError
-
-    for video_id, path, part in zip(batch["video_id"], batch["path"], batch["part"]):
-        video_id, path, part = str(video_id), str(path), int(part)
-        count = 0
-        try:
-            source = _read_source(path)
-            if window_s is None:
-                sampled = sample_video_isolated(source, video, name=path)
-                windows: Any = [SampledWindow(0, 0.0, sampled.num_source_frames / sampled.fps if sampled.fps else 0.0,
-                                              sampled)]
-            else:
-                windows = read_windows_isolated(source, video, window_s, stride_s, name=path)
-            for window in windows:
-                frames = _centre_crop(window.video.frames, video.crop_size)
-                yield _row(video_id, path, part, "window", window=window.index, start=window.start_s,
-                           end=window.end_s, frames=frames.tobytes(), indices=window.video.indices.tolist(),
-                           num_source=window.video.num_source_frames)
-                count += 1
-        except (VideoDecodeError, OSError) as exc:
-            yield _row(video_id, path, part, "error", error=getattr(exc, "reason", None) or str(exc))
-            continue
-        yield _row(video_id, path, part, "end", window=count)
-
-
-def _row(video_id: str, path: str, part: int, kind: str, window: int = 0, start: float = 0.0, end: float = 0.0,
-         frames: bytes = b"", indices: Sequence[int] = (), num_source: int = 0, error: str = "") -> dict[str, list]:
-    return {"video_id": [video_id], "path": [path], "part": [part], "kind": [kind], "window_index": [window],
-            "window_start_s": [float(start)], "window_end_s": [float(end)], "frames": [frames],
-            "frame_indices": [list(indices)], "num_source_frames": [int(num_source)], "error": [error]}
-
-
-def _centre_crop(frames: np.ndarray, crop: int) -> np.ndarray:
-    """The centre `crop` square of frames already scaled to their short side (transforms.resize_and_crop's rule)."""
-    height, width = frames.shape[1:3]
-    if height < crop or width < crop:
-        from stgpt.transforms import resize_and_crop
-
-        return resize_and_crop(frames, crop, crop).numpy()
-    top, left = (height - crop) // 2, (width - crop) // 2
-    return np.ascontiguousarray(frames[:, top:top + crop, left:left + crop])
-
-
-def _read_source(path: str) -> str | bytes:
-    if "://" not in path or path.startswith("file://"):
-        return path.removeprefix("file://")
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    with filesystem.open_input_stream(inner) as stream:
-        return stream.read()
-
-
-class ModelActor:
-    """Ray Data callable class: loads the checkpoint once, captions the window rows of each batch, passes the
-    others through. It never decodes: the GPU (or its CPUs) only runs the model."""
-
-    def __init__(self, checkpoint: str, generation: dict[str, Any], use_gpu: bool = False,
-                 precision: str = "fp32", num_threads: int = 1):
-        import ray
-        import torch
-
-        from stgpt.inference import Captioner
-
-        torch.set_num_threads(max(1, num_threads))
-        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
-        self.generation = generation
-        self.actor = ray.get_runtime_context().get_actor_id() or "local"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        video = self.captioner.video
-        kinds = [str(k) for k in batch["kind"]]
-        errors = [str(e) for e in batch["error"]]
-        captions = [""] * len(kinds)
-        ready = [i for i, kind in enumerate(kinds) if kind == "window"]
-        if ready:
-            shape = (video.num_frames, video.crop_size, video.crop_size, 3)
-            frames = np.stack([np.frombuffer(batch["frames"][i], np.uint8).reshape(shape) for i in ready])
-            for i, text in zip(ready, self.captioner.caption_each(frames, **self.generation)):
-                if isinstance(text, Exception):
-                    kinds[i], errors[i] = "error", f"generation failed: {type(text).__name__}: {text}"[:500]
-                else:
-                    captions[i] = text
-        out = {key: list(batch[key]) for key in ("video_id", "path", "part", "window_index", "window_start_s",
-                                                 "window_end_s", "num_source_frames")}
-        out["frame_indices"] = [list(map(int, v)) for v in batch["frame_indices"]]
-        out.update(kind=kinds, error=errors, caption=captions, actor=[self.actor] * len(kinds))
-        return out
-
-
-# --------------------------------------------------------------------------------------------------------
 # The output folder.
 
 
 class OutputFolder:
-    """The job's output through pyarrow.fs: whole files written under a temporary name, then renamed."""
+    """The job's output folder (local or a URI): whole files, each written atomically (`stgpt.storage`)."""
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root, _ = _filesystem(uri)
-        self.fs.create_dir(self.root, recursive=True)
+        filesystem, root = storage.filesystem(uri)
+        filesystem.create_dir(root, recursive=True)
 
     def path(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
+        return storage.child(self.uri, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+        return storage.exists(self.path(name))
 
     def write(self, name: str, data: bytes) -> None:
-        temporary = self.path(f"_tmp-{uuid.uuid4().hex}-{name}")
-        with self.fs.open_output_stream(temporary) as out:
-            out.write(data)
-        self.fs.move(temporary, self.path(name))
+        storage.write_bytes(self.path(name), data)
 
     def read(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self.path(name)) as stream:
-            return stream.read()
+        return storage.read_bytes(self.path(name))
 
     def clear(self) -> None:
-        self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+        filesystem, root = storage.filesystem(self.uri)
+        filesystem.delete_dir_contents(root, missing_dir_ok=True)
 
 
 def _jsonl(records: Sequence[dict]) -> bytes:
@@ -348,10 +245,8 @@ def _jsonl(records: Sequence[dict]) -> bytes:
 
 def settings_of(checkpoint: str, cfg: Config) -> dict[str, Any]:
     """What changes the captions: a re-run with other values is refused unless --overwrite."""
-    from stgpt.evaluation import generation_kwargs
-
     video = cfg.video
-    return {"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
+    return {"checkpoint": checkpoint, "generation": cfg.generation.generate_kwargs(),
             "num_frames": video.num_frames, "short_side": video.short_side, "crop_size": video.crop_size,
             "window_seconds": cfg.caption.window_seconds,
             "window_stride_seconds": cfg.caption.window_stride_seconds or cfg.caption.window_seconds}
@@ -364,10 +259,6 @@ def settings_of(checkpoint: str, cfg: Config) -> dict[str, Any]:
 def caption_collection(videos: str | list[VideoInput], output: str, checkpoint: str, cfg: Config,
                        overwrite: bool = False, log: Callable[[str], None] = print) -> CaptionSummary:
     """Caption every video of `videos` (a source `list_inputs` reads, or the inputs themselves) into `output`."""
-    import ray
-
-    from stgpt.evaluation import _actors_leaving_a_cpu, generation_kwargs
-
     start = time.perf_counter()
     ccfg = cfg.caption
     inputs, listing_errors = list_inputs(videos) if isinstance(videos, str) else (sorted(videos, key=lambda v: v.video_id), [])
@@ -392,25 +283,18 @@ def caption_collection(videos: str | list[VideoInput], output: str, checkpoint: 
     per_actor: Counter = Counter()
     written = 0
     if todo:
-        num_actors = _actors_leaving_a_cpu(ccfg.num_actors, ccfg.cpus_per_actor, log)
+        num_actors = pool_size(ccfg.num_actors, ccfg.cpus_per_actor, log)
         items = [{"video_id": v.video_id, "path": v.path, "part": k} for k, v in todo]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * num_actors)))
-        # Decoding stays a CPU task stage of its own: Ray Data fuses a task stage into the actor stage after it
-        # when their remote args match, and the model actors would then decode. max_retries makes them differ
-        # (a decode task lost with its worker is retried; a bad video is already an error row, not a failure).
-        dataset = dataset.map_batches(decode_windows, batch_size=1, num_cpus=1, max_retries=3, fn_kwargs={
-            "video": cfg.video, "window_s": ccfg.window_seconds, "stride_s": ccfg.window_stride_seconds})
-        dataset = dataset.map_batches(
-            ModelActor, fn_constructor_kwargs={"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
-                                               "use_gpu": ccfg.use_gpu, "precision": ccfg.precision,
-                                               "num_threads": max(1, int(ccfg.cpus_per_actor))},
-            batch_size=ccfg.batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if ccfg.use_gpu else 0, num_cpus=ccfg.cpus_per_actor)
+        dataset = caption_stages(dataset, decode_videos, {"video": cfg.video, "window_s": ccfg.window_seconds,
+                                                          "stride_s": ccfg.window_stride_seconds},
+                                 checkpoint, cfg.generation, ccfg, num_actors)
         collector = _PartCollector(folder, {k: parts[k] for k in {k for k, _ in todo}}, settings)
         for row in dataset.iter_rows():
             if row["kind"] == "window" and row["actor"]:
                 per_actor[row["actor"]] += 1
             written += collector.add(row)
+            beat()  # a window or an error finished: progress for the job's stall watchdog
         collector.finish()
     return _finish(folder, parts, listing_errors, settings, len(kept), written, time.perf_counter() - start,
                    dict(per_actor))

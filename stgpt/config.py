@@ -86,6 +86,13 @@ class GenerationConfig:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """These settings as `generate` keyword arguments (the one translation; checkpoints save the same)."""
+        return {"num_beams": self.num_beams, "min_new_tokens": self.min_new_tokens,
+                "max_new_tokens": self.max_new_tokens, "length_penalty": self.length_penalty,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size, "early_stopping": self.num_beams > 1,
+                "do_sample": False}
+
 
 @dataclass
 class DataConfig:

@@ -36,22 +36,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
+import pyarrow.parquet as pq
+import ray
 
+from stgpt import storage, synthetic
 from stgpt.annotations import VideoAnnotation, find_video_files, load_annotations, load_predictions, save_predictions
-from stgpt.config import Config, ConfigError, GenerationConfig
-from stgpt.resources import AUTO, beat, fit_evaluation
 from stgpt.checkpoints import UNTRAINED_NOTE
+from stgpt.config import Config, ConfigError
+from stgpt.metrics import METRICS, score_captions
+from stgpt.model import decode_settings
+from stgpt.pipeline import caption_stages, decode_shard_rows, decode_videos, pool_size
+from stgpt.preprocessing import PreprocessError, SplitInput, preprocess, read_shard_metadata
+from stgpt.resources import AUTO, beat, fit_evaluation
+from stgpt.shards import FRAME_COLUMNS, list_shards
 
 GENERATED_CAPTIONS = "generated_captions.json"
 METRICS_FILE = "metrics.json"
 PER_VIDEO_FILE = "per_video_scores.jsonl"
 ERRORS_FILE = "errors.jsonl"
 
-# With no --checkpoint: training's best (<train.output_dir>/best) if there is one, else a tiny random-init model,
-# said loudly. Paths are relative to the working directory.
 ACTOR_START_TIMEOUT_S = 600  # loading a checkpoint is slow; a pool that cannot be placed at all fails after this
-SHARD_COLUMNS = ["video_id", "frames", "encoding", "height", "width"]  # what the actors need of a shard row
 
 
 class EvaluationError(RuntimeError):
@@ -83,19 +87,15 @@ def shard_input(data: str | os.PathLike, split: str = "test", references: str | 
     References are the rows' own captions unless a `references` file is given (then every video it names is
     expected). Attributes come from that file, or from the annotation file named in the folder's manifest.
     """
-    import pyarrow.parquet as pq
-
-    from stgpt.shards import list_shards
-
     text = os.fspath(data)
     if _is_glob(text):
         files = sorted(os.path.abspath(f) for f in glob.glob(text))
         if not files:
             raise FileNotFoundError(f"no shard files match {text}")
     elif text.endswith(".parquet"):
-        if "://" not in text and not os.path.isfile(text):
+        if not storage.exists(text):
             raise FileNotFoundError(f"shard file {text} does not exist")
-        files = [text if "://" in text else os.path.abspath(text)]
+        files = [storage.absolute(text)]
     else:
         files = list_shards(text, split)
     video_ids: list[str] = []
@@ -142,8 +142,6 @@ def _attributes(entries: Sequence[VideoAnnotation]) -> dict[str, dict] | None:
 
 def _shard_errors(path: str) -> list[dict]:
     """The videos preprocessing could not use, as the shard's metadata records them (none if it has none)."""
-    from stgpt.preprocessing import read_shard_metadata
-
     try:
         return list(read_shard_metadata(path).get("errors", []))
     except (KeyError, ValueError, OSError):  # a shard written by another tool: no stgpt metadata
@@ -152,9 +150,9 @@ def _shard_errors(path: str) -> list[dict]:
 
 def _manifest_attributes(shard_path: str, split: str) -> dict[str, dict] | None:
     """Attributes from the annotation file preprocessing recorded in `<split>-manifest.json`, if it has any."""
-    if "://" in shard_path:
+    if storage.local_path(shard_path) is None:
         return None
-    manifest = Path(shard_path).parent / f"{split}-manifest.json"
+    manifest = Path(storage.local_path(shard_path)).parent / f"{split}-manifest.json"
     try:
         annotations = json.loads(manifest.read_text())["annotations"]
         return _attributes(load_annotations(annotations)) if os.path.isfile(annotations) else None
@@ -164,90 +162,6 @@ def _manifest_attributes(shard_path: str, split: str) -> dict[str, dict] | None:
 
 def _error(video_id: str, path: str, reason: str, stage: str) -> dict[str, str]:
     return {"video_id": video_id, "path": path, "reason": reason, "stage": stage}
-
-
-# --------------------------------------------------------------------------------------------------------
-# The actors.
-
-
-def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
-    """The config's beam search as `generate` keyword arguments, as `stgpt.model.generation_config` sets them."""
-    return {"num_beams": gen.num_beams, "min_new_tokens": gen.min_new_tokens, "max_new_tokens": gen.max_new_tokens,
-            "length_penalty": gen.length_penalty, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
-            "early_stopping": gen.num_beams > 1, "do_sample": False}
-
-
-class CaptionActor:
-    """Ray Data callable class: loads the checkpoint once, then captions a batch of rows per call.
-
-    A row is a shard row (encoded frames) or a video file (`path`). Each row comes back once, with its caption
-    or with the reason it has none: a bad video must not stop the job.
-    """
-
-    def __init__(self, checkpoint: str, generation: dict[str, Any], use_gpu: bool = False,
-                 precision: str = "fp32", num_threads: int = 1):
-        import ray
-        import torch
-
-        from stgpt.inference import Captioner
-
-        torch.set_num_threads(max(1, num_threads))
-        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision)
-        self.generation = generation
-        self.node_id = ray.get_runtime_context().get_node_id()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids = [str(v) for v in batch["video_id"]]
-        paths = [str(p) for p in batch["path"]] if "path" in batch else [""] * len(ids)
-        captions, errors, stages = [""] * len(ids), [""] * len(ids), [""] * len(ids)
-        frames, ready = [], []
-        for i in range(len(ids)):
-            try:
-                frames.append(self._frames(batch, i))
-                ready.append(i)
-            except Exception as exc:  # VideoDecodeError, ShardRowError, or an odd file crashing the decoder
-                errors[i], stages[i] = _reason(exc), "decode"
-        for i, result in zip(ready, self._caption(frames)):
-            if isinstance(result, Exception):
-                errors[i], stages[i] = _reason(result), "generate"
-            else:
-                captions[i] = result
-        return {"video_id": ids, "caption": captions, "error": errors, "stage": stages, "path": paths,
-                "node_id": [self.node_id] * len(ids)}
-
-    def _frames(self, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
-        """uint8 `(T, crop, crop, 3)` frames of row i, resized and cropped as the model expects."""
-        from stgpt.shards import row_frames
-        from stgpt.transforms import resize_and_crop
-        from stgpt.isolation import sample_video_isolated  # a decoder crash or hang costs this video only
-
-        video = self.captioner.video
-        if "frames" in batch:
-            frames = row_frames({key: batch[key][i] for key in SHARD_COLUMNS}, video.num_frames)
-        else:
-            path = str(batch["path"][i])
-            frames = sample_video_isolated(_read_source(path), video, name=path).frames
-        if frames.shape[1:3] != (video.crop_size, video.crop_size):
-            frames = resize_and_crop(frames, video.short_side, video.crop_size).numpy()
-        return frames
-
-    def _caption(self, frames: list[np.ndarray]) -> list[str | Exception]:
-        return self.captioner.caption_each(np.stack(frames), **self.generation) if frames else []
-
-
-def _read_source(path: str) -> str | bytes:
-    """Local files go to the decoder by path; other filesystems (s3://, gs://) are read through pyarrow."""
-    if "://" not in path or path.startswith("file://"):
-        return path.removeprefix("file://")
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    with filesystem.open_input_stream(inner) as stream:
-        return stream.read()
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"[:500]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -266,46 +180,39 @@ class GenerationResult:
 
 def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
                     log: Callable[[str], None] = print) -> GenerationResult:
-    """Caption every input row on a pool of `evaluate.num_actors` CaptionActors; one prediction or error each."""
-    import ray
-
+    """Caption every input row: a CPU stage decodes, a pool of `evaluate.num_actors` model actors generates;
+    one prediction or error each."""
     ecfg = cfg.evaluate
     start = time.perf_counter()
     rows = len(inputs.video_ids)
     outputs: list[dict[str, Any]] = []
     num_actors = fit_evaluation(cfg, log).evaluate.num_actors if ecfg.num_actors == AUTO else ecfg.num_actors
-    if inputs.kind == "shards":
-        num_actors = _actors_leaving_a_cpu(num_actors, ecfg.cpus_per_actor, log)
+    num_actors = pool_size(num_actors, ecfg.cpus_per_actor, log)
     log(f"captioning {rows} rows of {inputs.source} with {checkpoint} on {num_actors} actor(s) "
         f"({'1 GPU' if ecfg.use_gpu else f'{ecfg.cpus_per_actor:g} CPU'} each)")
     if rows:
+        video = decode_settings(checkpoint, cfg.video)
         # About one block per batch, so the pool's actors share the work from the first batch on.
         num_blocks = max(1, min(rows, math.ceil(rows / ecfg.batch_size)))
         if inputs.kind == "shards":
             dataset = ray.data.read_parquet(inputs.shard_files, include_paths=True, override_num_blocks=num_blocks)
-            dataset = dataset.select_columns([*SHARD_COLUMNS, "path"])  # pushed into the read: no captions
+            dataset = dataset.select_columns([*FRAME_COLUMNS, "path"])  # pushed into the read: no captions
             # A read block is a whole file (or several small ones); cut into batch-sized blocks, streaming,
             # so every actor of the pool gets work instead of one actor a whole shard.
             dataset = dataset.repartition(target_num_rows_per_block=ecfg.batch_size)
+            decode, decode_kwargs = decode_shard_rows, {"video": video}
         else:
-            items = [{"video_id": v, "path": inputs.video_paths[v]} for v in inputs.video_ids]
+            items = [{"video_id": v, "path": inputs.video_paths[v], "part": 0} for v in inputs.video_ids]
             dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
-        dataset = dataset.map_batches(
-            CaptionActor,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "generation": generation_kwargs(cfg.generation),
-                                   "use_gpu": ecfg.use_gpu, "precision": ecfg.precision,
-                                   "num_threads": max(1, int(ecfg.cpus_per_actor))},
-            batch_size=ecfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=num_actors`, deprecated in 2.51
-            num_gpus=1 if ecfg.use_gpu else 0,
-            num_cpus=ecfg.cpus_per_actor,
-        )  # Ray Data places the pool's actors with its SPREAD strategy: one per node while nodes are free
+            decode, decode_kwargs = decode_videos, {"video": video}
+        dataset = caption_stages(dataset, decode, decode_kwargs, checkpoint, cfg.generation, ecfg, num_actors)
         # Start the whole pool before the first batch: the first actor up would otherwise take every batch of a
         # small split, and a pool the cluster cannot hold (no GPUs) fails with a message instead of waiting.
         dataset.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         try:
             for row in dataset.iter_rows():
-                outputs.append(row)
+                if row["kind"] != "end":  # a video's window count: evaluation takes one window per video
+                    outputs.append(row)
                 beat()  # a caption (or an error) finished: progress for the job's stall watchdog
         except ray.exceptions.GetTimeoutError:
             raise EvaluationError(
@@ -313,26 +220,6 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
                 f"did not start within {ACTOR_START_TIMEOUT_S} s: the cluster ({ray.cluster_resources()}) cannot "
                 "hold them; lower evaluate.num_actors or evaluate.cpus_per_actor") from None
     return _account(inputs, outputs, time.perf_counter() - start)
-
-
-def _actors_leaving_a_cpu(num_actors: int, cpus_per_actor: float, log: Callable[[str], None]) -> int:
-    """As many actors as the cluster's CPUs hold with one CPU to spare (GPU actors hold CPUs too).
-
-    The pool starts all its actors first; Ray Data's Parquet listing and read tasks need a CPU of their own, so
-    a pool holding every CPU would wait for its input forever (on a 2-core machine, 2 actors of 1 CPU do).
-    """
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    if cpus - cpus_per_actor < 1.0:
-        raise EvaluationError(f"the cluster has {cpus:g} CPU(s): one actor of evaluate.cpus_per_actor="
-                              f"{cpus_per_actor:g} would leave none to read shards with; lower cpus_per_actor")
-    fit = int((cpus - 1.0) // cpus_per_actor)
-    if num_actors > fit:
-        log(f"evaluate.num_actors={num_actors} x {cpus_per_actor} CPU would leave no CPU of the cluster's "
-            f"{cpus:g} to read shards with: using {fit} actor(s)")
-        return fit
-    return num_actors
 
 
 def _account(inputs: EvalInput, outputs: list[dict[str, Any]], seconds: float) -> GenerationResult:
@@ -439,7 +326,7 @@ class EvaluationResult:
 def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.PathLike,
              untrained: bool = False, log: Callable[[str], None] = print) -> EvaluationResult:
     """Generate captions for `inputs` on Ray, save them and the errors, score them, write the outputs."""
-    _check_metrics(cfg)
+    check_metrics(cfg)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     generated = caption_dataset(inputs, checkpoint, cfg, log)
@@ -463,7 +350,7 @@ def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.P
 def score_files(predictions: str | os.PathLike, references: str | os.PathLike, cfg: Config,
                 output: str | os.PathLike) -> EvaluationResult:
     """Score-only: a COCO-result prediction file against VATEX or COCO-format references."""
-    _check_metrics(cfg)
+    check_metrics(cfg)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     predicted = load_predictions(predictions)
@@ -476,9 +363,6 @@ def score_files(predictions: str | os.PathLike, references: str | os.PathLike, c
 def _score_and_write(out: Path, predictions: dict[str, str], references: dict[str, list[str]],
                      attributes: dict[str, dict] | None, errors: list[dict], info: dict[str, Any],
                      cfg: Config) -> EvaluationResult:
-    from stgpt.metrics import METRICS, score_captions
-    from stgpt.synthetic import attribute_accuracy
-
     start = time.perf_counter()
     try:
         report = score_captions(predictions, references, num_workers=cfg.evaluate.metric_workers,
@@ -488,12 +372,12 @@ def _score_and_write(out: Path, predictions: dict[str, str], references: dict[st
     info["seconds"]["score"] = round(time.perf_counter() - start, 3)
     accuracy = None
     if attributes and any(video_id in attributes for video_id in predictions):
-        accuracy = attribute_accuracy(predictions, attributes)
+        accuracy = synthetic.attribute_accuracy(predictions, attributes)
     result = EvaluationResult(out, report, predictions, references, errors, accuracy, info, cfg.evaluate.worst)
     _write_lines(out / PER_VIDEO_FILE, [
         {"video_id": video_id, **scores, "prediction": predictions[video_id], "reference": references[video_id][0]}
         for video_id, scores in report.per_video.items()])
-    _write_text(out / METRICS_FILE, json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
+    storage.write_text(out / METRICS_FILE, json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
     return result
 
 
@@ -502,24 +386,15 @@ def _is_glob(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
-def _check_metrics(cfg: Config) -> None:
+def check_metrics(cfg: Config) -> None:
     """Refuse unknown metric names before any work, not after an hour of generation."""
-    from stgpt.metrics import METRICS
-
     unknown = [m for m in cfg.evaluate.metrics or () if m not in METRICS]
     if unknown or cfg.evaluate.metrics == []:
         raise ConfigError(f"evaluate.metrics: unknown or no metrics {unknown}; choose from {list(METRICS)}")
 
 
 def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file renamed into place, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -536,7 +411,7 @@ def resolve_input(data: str | os.PathLike | None, cfg: Config, videos: str | os.
             return synthetic_input(cfg, log)
         data = cfg.data.shards
     text = os.fspath(data)
-    if _is_glob(text) or text.endswith(".parquet") or "://" in text or os.path.isdir(text):
+    if _is_glob(text) or text.endswith(".parquet") or storage.is_dir(text):
         return shard_input(text, split, references)
     videos = videos or cfg.data.videos
     if not videos:
@@ -551,16 +426,12 @@ def synthetic_input(cfg: Config, log: Callable[[str], None] = print) -> EvalInpu
     References (with attributes) come from the split's annotation file. If the shard folder holds that split
     made with other settings, the raw videos are captioned instead (shards are never overwritten here).
     """
-    from stgpt.preprocessing import PreprocessError, SplitInput, preprocess
-    from stgpt.synthetic import make_synthetic_dataset
-
     data, split = cfg.data, cfg.evaluate.split
-    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
-                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
+    dataset = synthetic.from_config(data)
     if split not in dataset.annotation_paths:
         raise FileNotFoundError(f"the synthetic dataset has no split {split!r}; it has {dataset.splits}")
     annotations = str(dataset.annotation_paths[split])
-    shards = data.shards if "://" in data.shards else os.path.abspath(data.shards)  # the same on every worker
+    shards = storage.absolute(data.shards)  # the same on every worker
     try:
         preprocess([SplitInput(split, annotations, str(dataset.video_dir))], shards, cfg, progress=False, log=log)
     except PreprocessError as exc:

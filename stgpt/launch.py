@@ -3,12 +3,13 @@
 A job is parse (`job_parser` + `parse`), connect, call the library, print, exit status. `connect` joins the
 cluster of `RAY_ADDRESS` (`ray job submit` sets it; `auto` joins a `ray start` cluster on this machine) or of
 `cluster.address`, else starts a private local Ray sized for the job's plan; the library never starts Ray.
-`exit_status` turns the library's errors into the statuses every job documents: 2 when nothing was done (bad
+`exits` turns the library's errors into the statuses every job documents: 2 when nothing was done (bad
 arguments, inputs or config, or the job cannot fit its cluster), 1 when it ran but failed or stalled.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import socket
@@ -59,12 +60,7 @@ def local_cpus(plan: Optional[Plan]) -> int:
 
 @contextmanager
 def connect(cfg: Config, plan: Optional[Plan] = None, **init_kwargs) -> Iterator[None]:
-    """Connect this process to Ray for the job's duration (a no-op when it already is, as in tests).
-
-    A local Ray is private (never another user's `ray start` cluster) and its dashboard is on a free port named in
-    the job's environment: Ray Train's placement-group cleaner asks the state API whether the run's controller is
-    alive, and given no address the state API picks the newest Ray on the machine, which may be another one.
-    """
+    """Connect this process to Ray for the job's duration (a no-op when it already is, as in tests)."""
     if ray.is_initialized():
         yield
         return
@@ -72,25 +68,38 @@ def connect(cfg: Config, plan: Optional[Plan] = None, **init_kwargs) -> Iterator
     if address:
         ray.init(address=address, **init_kwargs)
     else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        ray.init(address="local", num_cpus=local_cpus(plan), include_dashboard=True, dashboard_port=port,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
+        start_local_ray(local_cpus(plan), **init_kwargs)
     try:
         yield
     finally:
         ray.shutdown()  # stop our workers before exit, rather than have them killed mid-teardown
 
 
-def exit_status(body: Callable[[], int], usage: tuple[type[BaseException], ...] = (),
-                failed: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a job's body: its own status, else 2 for a usage error (`USAGE_ERRORS` + `usage`), 1 for `failed`."""
-    try:
-        return body()
-    except USAGE_ERRORS + usage as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except failed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """A private local Ray (never another user's `ray start` cluster) whose dashboard is on a free port named in
+    the job's environment: Ray Train's placement-group cleaner asks the state API whether the run's controller is
+    alive, and given no address the state API picks the newest Ray on the machine, which may be another one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
+
+
+def exits(usage: tuple[type[BaseException], ...] = (), failed: tuple[type[BaseException], ...] = ()
+          ) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a job's `main`: its own status, else 2 for a usage error (`USAGE_ERRORS` + `usage`: nothing was
+    done) and 1 for one of `failed` (it ran, but failed), each with one line on stderr saying why."""
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except USAGE_ERRORS + usage as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            except failed as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        return run
+    return decorate

@@ -233,8 +233,8 @@ def _worker_count(num_workers: int | None, num_videos: int) -> int:
         return 1
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    if not ray.is_initialized():  # the library never starts Ray: jobs connect (stgpt.launch), else one process
+        return 1
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(num_workers, cpus, num_videos))
 

@@ -13,6 +13,7 @@ stgpt.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -105,17 +106,30 @@ def build_tiny(model_cfg: ModelConfig, video_cfg: VideoConfig, tokenizer: PreTra
     return CaptionModel(model, tokenizer, video_cfg, name="tiny")
 
 
+def checkpoint_video(name_or_path: str | Path, num_frames: int | None = None) -> VideoConfig:
+    """A checkpoint's preprocessing settings (frames, sizes, mean/std), read from its configs alone."""
+    name = str(name_or_path)
+    frames = num_frames or int(getattr(AutoConfig.from_pretrained(name).encoder, "num_frames", 8))
+    try:
+        return video_config_from_processor(AutoImageProcessor.from_pretrained(name), num_frames=frames)
+    except (OSError, ValueError):  # no preprocessor_config.json: the original used videomae-base's settings
+        return VideoConfig(num_frames=frames)
+
+
+def decode_settings(checkpoint: str | Path, video: VideoConfig) -> VideoConfig:
+    """What a decode stage feeding `checkpoint` must produce: its frame count, sizes and mean/std, with the
+    limits and decoder of `video` (the job's)."""
+    saved = checkpoint_video(checkpoint)
+    return dataclasses.replace(video, num_frames=saved.num_frames, short_side=saved.short_side,
+                               crop_size=saved.crop_size, image_mean=saved.image_mean, image_std=saved.image_std)
+
+
 def load_checkpoint(name_or_path: str | Path, num_frames: int | None = None) -> CaptionModel:
     """A fine-tuned checkpoint (local directory or hub id) with its tokenizer and preprocessing settings."""
     name = str(name_or_path)
     model = VisionEncoderDecoderModel.from_pretrained(name)
     tokenizer = load_tokenizer(name)
-    frames = num_frames or int(getattr(model.config.encoder, "num_frames", 8))
-    try:
-        processor = AutoImageProcessor.from_pretrained(name)
-        video = video_config_from_processor(processor, num_frames=frames)
-    except (OSError, ValueError):  # no preprocessor_config.json: the original used videomae-base's settings
-        video = VideoConfig(num_frames=frames)
+    video = checkpoint_video(name, num_frames or int(getattr(model.config.encoder, "num_frames", 8)))
     _wire_special_tokens(model, tokenizer)
     return CaptionModel(model, tokenizer, video, name=name)
 
@@ -146,10 +160,7 @@ def build_model(cfg: Config, captions: Sequence[str] | None = None) -> CaptionMo
 def generation_config(gen: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> HFGenerationConfig:
     """Beam-search settings as a transformers GenerationConfig (saved with checkpoints)."""
     return HFGenerationConfig(
-        num_beams=gen.num_beams, min_new_tokens=gen.min_new_tokens, max_new_tokens=gen.max_new_tokens,
-        length_penalty=gen.length_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
-        early_stopping=gen.num_beams > 1, do_sample=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **gen.generate_kwargs(), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.bos_token_id,
     )
 

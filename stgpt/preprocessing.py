@@ -82,7 +82,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stgpt.annotations import MISSING_VIDEO, VideoFile, find_video_files, load_annotations
-from stgpt.config import Config, PreprocessConfig, VideoConfig
+from stgpt import synthetic
+from stgpt.config import Config, ConfigError, PreprocessConfig, VideoConfig
 from stgpt.resources import beat
 from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_file_name
 
@@ -110,6 +111,24 @@ class SplitInput:
     split: str
     annotations: str
     videos: str
+
+
+def split_inputs(cfg: Config, annotations: Sequence[str] | None = None, videos: str | None = None,
+                 split: str | None = None) -> list[SplitInput]:
+    """The splits a preprocessing job reads: the annotation files given, else `data.annotations`, else every
+    split of the synthetic dataset (made if missing); each named by `split` or its file name."""
+    data = cfg.data
+    annotations = annotations or ([data.annotations] if data.annotations else None)
+    if annotations is None:
+        dataset = synthetic.from_config(data)
+        return [SplitInput(name, str(path), videos or str(dataset.video_dir))
+                for name, path in dataset.annotation_paths.items()]
+    videos = videos or data.videos
+    if not videos:
+        raise ConfigError("--videos (or data.videos) is required with --annotations")
+    if split and len(annotations) > 1:
+        raise ConfigError("--split names one annotation file's split; with several files, names come from them")
+    return [SplitInput(split or split_name(a), os.fspath(a), videos) for a in annotations]
 
 
 def split_name(annotation_path: str | os.PathLike) -> str:

@@ -28,8 +28,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import fs as pafs
+
+from stgpt import storage
+from stgpt.config import VideoConfig
 
 ENCODINGS = ("jpeg", "png", "raw")
+FRAME_COLUMNS = ["video_id", "frames", "encoding", "height", "width"]  # what turning a row into frames reads
 
 SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -64,11 +69,8 @@ def list_shards(root: str | os.PathLike, split: str, require_complete: bool = Tr
     Local folders give absolute paths, others full URIs. With `require_complete`, a split with parts missing
     (preprocessing interrupted) or with files of two partitionings raises FileNotFoundError saying so.
     """
-    from pyarrow import fs as pafs
-
     root_text = os.fspath(root)
-    remote = "://" in root_text
-    filesystem, base = pafs.FileSystem.from_uri(root_text if remote else os.path.abspath(root_text))
+    filesystem, base = storage.filesystem(root_text)
     try:
         listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError:
@@ -90,10 +92,8 @@ def list_shards(root: str | os.PathLike, split: str, require_complete: bool = Tr
         if sorted(parts) != list(range(total)):
             raise FileNotFoundError(f"{root_text}: split {split!r} has {len(parts)} of {total} parts: "
                                     "preprocessing did not finish (re-run it to resume)")
-    if remote:
-        from stgpt.annotations import child_uri
-
-        return [child_uri(root_text, parts[part]) for part in sorted(parts)]
+    if storage.is_uri(root_text):
+        return [storage.child(root_text, parts[part]) for part in sorted(parts)]
     return [f"{base.rstrip('/')}/{parts[part]}" for part in sorted(parts)]
 
 
@@ -149,3 +149,20 @@ def row_frames(row: Mapping[str, Any], num_frames: int | None = None) -> np.ndar
     if num_frames is not None and frames.shape[0] != num_frames:
         raise ShardRowError(f"{row.get('video_id')}: {frames.shape[0]} frames, expected {num_frames}")
     return frames
+
+
+def row_clip(row: Mapping[str, Any], video: VideoConfig) -> np.ndarray:
+    """A row's frames as the model takes them: uint8 (T, crop, crop, 3), resized only if stored at another size.
+    Raises ShardRowError for frames that do not decode or are not `video.num_frames`."""
+    clip = row_frames(row, video.num_frames)
+    if clip.shape[1:3] == (video.crop_size, video.crop_size):
+        return clip
+    from stgpt.transforms import resize_and_crop  # torch: only for rows stored at another size (decode tasks stay light)
+
+    return resize_and_crop(clip, video.short_side, video.crop_size).numpy()
+
+
+def row_error(exc: BaseException) -> str:
+    """Why a row was skipped, short enough for a log line or an errors file."""
+    reason = str(exc) if isinstance(exc, ShardRowError) else f"{type(exc).__name__}: {exc}"
+    return reason[:300]

@@ -31,7 +31,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,9 @@ import numpy as np
 # cannot open its VP8/VP9 encoders (avcodec_open2 returns EINVAL). Importing av first avoids that; where
 # decord came first anyway, `make_synthetic_dataset` writes webm from a fresh interpreter.
 import av
+
+from stgpt import storage
+from stgpt.config import DataConfig
 
 # --------------------------------------------------------------------------------------------------------
 # The world: a few distinct colours, shapes and motions, so that a tiny model can learn them.
@@ -630,7 +632,7 @@ def make_synthetic_dataset(
             name = f"{spec.video_id}.{container}"
             if name in existing:
                 continue
-            with _atomic_path(video_dir / name) as temporary:
+            with storage.replacing(video_dir / name) as temporary:
                 encode_video(render_video(spec, (width, height), num_frames), temporary, fps, container)
         for split, specs in plans.items():
             _write_json_atomic(annotation_dir / f"{split}.json", [spec.annotation() for spec in specs], indent=1)
@@ -706,25 +708,14 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (hidden, ending .tmp) that replaces `path` once the block succeeds.
-
-    Created with open(), not mkstemp(), so the file gets the usual umask permissions rather than 0600:
-    other users and containers sharing the folder must be able to read the dataset.
-    """
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    open(temporary, "xb").close()
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_json_atomic(path: Path, value, indent: int | None = None) -> None:
-    with _atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    storage.write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def from_config(data: DataConfig) -> SyntheticDataset:
+    """The synthetic dataset a config's `data` section describes, made under `data.root` if missing."""
+    return make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
+                                              "test": data.synthetic_test}, seed=data.synthetic_seed)
 
 
 # --------------------------------------------------------------------------------------------------------

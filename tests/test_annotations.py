@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from pyarrow import fs as pafs
 
+from stgpt import storage
 from stgpt.annotations import (
     MISSING_VIDEO,
     AnnotationError,
     VideoAnnotation,
-    child_uri,
     find_videos,
     load_annotations,
     load_predictions,
@@ -394,11 +394,11 @@ def test_only_regular_files_inside_the_folder_are_videos(tmp_path):
 
 
 def test_remote_paths_come_back_as_uris_that_pyarrow_reopens():
-    uri = child_uri("gs://bucket/some%20videos/", "clip one.mp4")
+    uri = storage.child("gs://bucket/some%20videos/", "clip one.mp4")
     assert uri == "gs://bucket/some%20videos/clip%20one.mp4"
     _, path = pafs.FileSystem.from_uri(uri)
     assert path == "bucket/some videos/clip one.mp4"
-    with_query = child_uri("s3://bucket/videos?region=eu-west-1", "v.webm")
+    with_query = storage.child("s3://bucket/videos?region=eu-west-1", "v.webm")
     assert with_query == "s3://bucket/videos/v.webm?region=eu-west-1"
     filesystem, path = pafs.FileSystem.from_uri(with_query)
     assert path == "bucket/videos/v.webm" and filesystem.region == "eu-west-1"

@@ -200,9 +200,10 @@ def test_train_output_is_where_serving_and_evaluation_look():
     best = Path(load_config(REPO / config, overrides).train.output_dir) / "best"
     _, _, _, args = parse_entrypoint(load(KUBERAY / "rayjob-evaluate.yaml")["spec"]["entrypoint"])
     assert Path(args[args.index("--checkpoint") + 1]) == best
-    from stgpt.serving import TRAINED_CHECKPOINT  # what `checkpoint: null` loads, relative to the working dir
+    from stgpt.checkpoints import best_checkpoint  # what `checkpoint: null` loads, relative to the working dir
+    from stgpt.config import Config
 
-    assert TRAINED_CHECKPOINT == best
+    assert best_checkpoint(Config()) == best
 
 
 def test_every_job_and_config_named_under_cluster_exists():

@@ -15,7 +15,7 @@ def test_the_vatex_recipe_runs_end_to_end_at_full_width(tmp_path):
 
     # 1 encoder and 1 decoder layer, every width, vocabulary, resolution and generation setting the recipe's
     with local_ray_cluster(num_workers=1, cpus_per_node=2) as cluster:
-        # the training job's placement-group cleaner must ask this cluster (see stgpt.training.init_local_ray)
+        # the training job's placement-group cleaner must ask this cluster (see stgpt.launch.start_local_ray)
         env = json.dumps({"env_vars": {"RAY_API_SERVER_ADDRESS": cluster.dashboard_url}})
 
         def submit(command, timeout):

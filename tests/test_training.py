@@ -24,18 +24,16 @@ import torch
 
 from stgpt.config import CONFIG_DIR, load_config
 from stgpt.shards import SCHEMA, encode_frames, list_shards
+from stgpt.shard_data import caption_index, collate_rows, table_columns
+from stgpt.trainer import run_training
 from stgpt.training import (
     STATE_FILE,
     Progress,
-    caption_index,
-    collate_rows,
     load_training_state,
     make_optimizer,
     make_scheduler,
-    run_training,
     save_training_state,
     steps_per_epoch,
-    table_columns,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +94,7 @@ def test_collate_rows_skips_and_reports_bad_rows():
 
 
 def test_every_caption_mode_makes_one_row_per_caption():
-    from stgpt.training import _one_row_per_caption
+    from stgpt.shard_data import _one_row_per_caption
 
     split = _one_row_per_caption()
     rows = split({"video_id": "v", "frames": [b"x"], "captions": ["one.", "two.", " "]})
@@ -173,7 +171,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def synthetic_shards(tmp_path_factory, ray_cluster):
     """The synthetic dataset made and preprocessed as the default job does it (stgpt.preprocessing underneath),
     then two bad rows appended to the train shard."""
-    from stgpt.training import prepare_synthetic_shards
+    from stgpt.trainer import prepare_synthetic_shards
 
     base = tmp_path_factory.mktemp("train-data")
     root, shards = base / "data", base / "shards"
@@ -274,7 +272,7 @@ def test_distributed_training_survives_a_killed_worker_and_learns(tmp_path, synt
 
 
 def test_epoch_progress_shows_new_whole_lines_only(tmp_path):
-    from stgpt.training import EpochProgress
+    from stgpt.train_log import EpochProgress
 
     path = tmp_path / "epochs.jsonl"
     line = {"epoch": 0, "train_loss": 2.5, "val_loss": 2.25, "samples_per_s": 120.4, "epoch_seconds": 8.6}
@@ -306,7 +304,7 @@ def test_train_then_evaluate_jobs_submitted_to_a_ray_cluster(tmp_path, synthetic
     job_id = f"stgpt-train-{uuid.uuid4().hex[:8]}"
     with local_ray_cluster(num_workers=1, cpus_per_node=1) as cluster:
         # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner must ask this cluster, not the newest Ray on
-        # the machine (see stgpt.training.init_local_ray)
+        # the machine (see stgpt.launch.start_local_ray)
         env = json.dumps({"env_vars": {"RAY_API_SERVER_ADDRESS": cluster.dashboard_url}})
         finished = cluster.job_submit(command, working_dir=REPO_ROOT, timeout=480, runtime_env_json=env,
                                       extra_args=["--submission-id", job_id])
