@@ -42,19 +42,19 @@ def best_checkpoint(cfg: Config) -> Path:
 
 def choose(checkpoint: Optional[str | os.PathLike], cfg: Optional[Config] = None) -> Choice:
     """The checkpoint a job loads: `checkpoint` if given (a directory becomes absolute, else it is a hub id), else
-    `<train.output_dir>/best` if training left one, else the demo checkpoint (built if missing)."""
-    cfg = cfg or Config()
+    `<train.output_dir>/best` if training left one, else the demo checkpoint (built from `cfg`, default
+    configs/tiny.yaml, if missing)."""
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if path.resolve() == DEMO_CHECKPOINT.resolve():
-            return Choice(str(ensure_demo_checkpoint(path).resolve()), True, "tiny random-init demo")
+            return Choice(str(ensure_demo_checkpoint(path, cfg).resolve()), True, "tiny random-init demo")
         if path.exists():
             return Choice(str(path.resolve()), False, "given")
         return Choice(os.fspath(checkpoint), False, "given (hub id)")
-    trained = best_checkpoint(cfg)
+    trained = best_checkpoint(cfg or Config())
     if (trained / "config.json").exists():
         return Choice(str(trained.resolve()), False, "trained (default)")
-    return Choice(str(ensure_demo_checkpoint().resolve()), True, "tiny random-init demo (default)")
+    return Choice(str(ensure_demo_checkpoint(cfg=cfg).resolve()), True, "tiny random-init demo (default)")
 
 
 def ensure_demo_checkpoint(out_dir: str | os.PathLike = DEMO_CHECKPOINT, cfg: Optional[Config] = None,

@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from stgpt import storage
 from stgpt.annotations import VIDEO_EXTENSIONS, find_videos, load_annotations
 
 # Lowest-quality format that is at least 224 px high; else the best there is.
@@ -185,32 +186,27 @@ class _Folder:
     """The videos folder through pyarrow.fs: whole files moved in, small JSON-lines records read and written."""
 
     def __init__(self, uri: str):
-        from pyarrow import fs as pafs
-
         self.uri = uri
-        self.fs, self.root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        self.fs, self.root = storage.filesystem(uri)
         self.root = self.root.rstrip("/") or "/"
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.local = storage.local_path(uri) is not None
 
     def put(self, local_file: str, name: str) -> str:
         """Move a finished local file into the folder under `name`, appearing whole or not at all."""
-        target = f"{self.root}/{name}"
+        target = storage.child(self.uri, name)
         if self.local:
-            self.fs.create_dir(self.root, recursive=True)
-            temporary = f"{self.root}/.{name}.{os.getpid()}.tmp"
-            shutil.copyfile(local_file, temporary)  # the staging folder may be on another device
-            os.replace(temporary, target)
-            return target
-        with open(local_file, "rb") as source, self.fs.open_output_stream(target) as sink:
+            with storage.replacing(f"{self.root}/{name}") as temporary:
+                shutil.copyfile(local_file, temporary)  # the staging folder may be on another device
+            return f"{self.root}/{name}"
+        with open(local_file, "rb") as source, self.fs.open_output_stream(f"{self.root}/{name}") as sink:
             shutil.copyfileobj(source, sink, 1 << 20)  # object stores publish an object only once it is closed
-        return f"{self.uri.rstrip('/')}/{name}"
+        return target
 
     def read_records(self, name: str) -> list[dict]:
         """The records of a JSON-lines file, one per video (a later line for a video replaces an earlier one:
         records are appended as they come, then compacted at the end of a run)."""
         try:
-            with self.fs.open_input_stream(f"{self.root}/{name}") as stream:
-                text = stream.read().decode("utf-8", errors="replace")
+            text = storage.read_bytes(storage.child(self.uri, name)).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return []
         records: dict[str, dict] = {}
@@ -225,11 +221,7 @@ class _Folder:
         return list(records.values())
 
     def write_records(self, name: str, records: Iterable[dict]) -> None:
-        data = "".join(_record_line(r) for r in records).encode("utf-8")
-        self.fs.create_dir(self.root, recursive=True)
-        with self.fs.open_output_stream(f"{self.root}/.{name}.tmp") as stream:
-            stream.write(data)
-        self.fs.move(f"{self.root}/.{name}.tmp", f"{self.root}/{name}")
+        storage.write_bytes(storage.child(self.uri, name), "".join(_record_line(r) for r in records).encode("utf-8"))
 
 
 def _record_line(record: dict) -> str:

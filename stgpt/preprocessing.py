@@ -64,12 +64,9 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import posixpath
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -80,12 +77,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+from pyarrow import fs as pafs
 
 from stgpt.annotations import MISSING_VIDEO, VideoFile, find_video_files, load_annotations
-from stgpt import synthetic
+from stgpt import storage, synthetic
 from stgpt.config import Config, ConfigError, PreprocessConfig, VideoConfig
 from stgpt.resources import beat
+from stgpt.isolation import sample_video_isolated
 from stgpt.shards import ENCODINGS, SCHEMA, SHARD_NAME, encode_frames, shard_file_name
+from stgpt.video import VideoDecodeError, sample_video
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"stgpt"
@@ -268,14 +269,15 @@ def plan_split(source: SplitInput, rows_per_shard: int, videos_per_task: int) ->
 
 
 class OutputFolder:
-    """Names inside the output folder, listing, and atomic writes (temporary file, then rename)."""
+    """Names inside the output folder, listing, and atomic writes (temporary file, then rename).
+
+    Unlike `stgpt.storage`'s writes, temporaries go to the folder's own staging area (`<work dir>/tmp`): workers
+    stream whole shards into them, they never appear among the outputs, and a run cleans what a killed worker
+    left there (`clean_temporary`)."""
 
     def __init__(self, uri: str | os.PathLike, create: bool = True):
-        from pyarrow import fs as pafs
-
         self.uri = os.fspath(uri)
-        target = self.uri if "://" in self.uri else os.path.abspath(self.uri)
-        self.fs, self.root = pafs.FileSystem.from_uri(target)
+        self.fs, self.root = storage.filesystem(self.uri)
         self.root = self.root.rstrip("/") or "/"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         if create:
@@ -287,8 +289,6 @@ class OutputFolder:
 
     def names(self, folder: str = "") -> set[str]:
         """File names directly in the root (or in one of its folders, as `folder/name`)."""
-        from pyarrow import fs as pafs
-
         base = self.path(folder) if folder else self.root
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False))
@@ -298,8 +298,6 @@ class OutputFolder:
         return {prefix + info.base_name for info in infos if info.type == pafs.FileType.File}
 
     def exists(self, name: str) -> bool:
-        from pyarrow import fs as pafs
-
         return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
 
     def delete(self, name: str) -> None:
@@ -369,15 +367,17 @@ class OutputFolder:
 
 
 def preprocess_video(source: str, video: VideoConfig, encoding: str = "jpeg", jpeg_quality: int = 95,
-                     name: str | None = None) -> dict[str, Any]:
+                     name: str | None = None, isolated: bool = False) -> dict[str, Any]:
     """Decode, sample, resize and centre-crop one video (path or URI); its shard columns except ID and captions.
+    `isolated` decodes in a child process (`stgpt.isolation`): a decoder that crashes or hangs fails this video,
+    not the worker.
 
     Raises `VideoDecodeError` (with the reason) for any file that is not a usable video.
     """
-    from stgpt.transforms import resize_and_crop
-    from stgpt.video import sample_video
+    from stgpt.transforms import resize_and_crop  # torch: here, so the merge tasks of this module stay light
 
-    sampled = sample_video(_read_source(source), video, name=name or source)
+    sample = sample_video_isolated if isolated else sample_video
+    sampled = sample(_read_source(source), video, name=name or source)
     frames = resize_and_crop(sampled.frames, video.short_side, video.crop_size).numpy()
     return {
         "frames": encode_frames(frames, encoding, jpeg_quality),
@@ -390,17 +390,10 @@ def preprocess_video(source: str, video: VideoConfig, encoding: str = "jpeg", jp
 
 
 def _read_source(source: str) -> str | bytes:
-    """Local paths go to the decoder as they are; other filesystems are read into memory through pyarrow."""
-    if "://" not in source or source.startswith("file://"):
-        return source.removeprefix("file://")
-    from pyarrow import fs as pafs
-
-    from stgpt.video import VideoDecodeError
-
+    """Local paths go to the decoder as they are; other filesystems are read into memory (VideoDecodeError if
+    they cannot be)."""
     try:
-        filesystem, inner = pafs.FileSystem.from_uri(source)
-        with filesystem.open_input_stream(inner) as stream:
-            return stream.read()
+        return storage.video_source(source)
     except FileNotFoundError:
         raise VideoDecodeError(source, "file not found") from None
     except OSError as exc:
@@ -415,7 +408,6 @@ class PiecePreprocessor:
     """
 
     def __init__(self, output: str, video: dict, encoding: str, jpeg_quality: int, num_threads: int = 1):
-        import ray
         import torch
 
         torch.set_num_threads(max(1, num_threads))
@@ -431,13 +423,10 @@ class PiecePreprocessor:
         return {key: [report[key] for report in reports] for key in reports[0]}
 
     def process(self, piece: Piece) -> dict[str, Any]:
-        from stgpt.video import VideoDecodeError
-
         start = time.perf_counter()
         # Ray runs a piece again when its worker died. If a video crashed the decoder (segfault), it would again:
         # from the second attempt on, each video is decoded in a child process, whose death is that video's error.
         isolated = self._begin_attempt(piece) > 0
-        decode = preprocess_video_isolated if isolated else preprocess_video
         rows, errors = [], []
         reasons = piece.reasons or (MISSING_VIDEO,) * len(piece.video_ids)
         for video_id, path, captions, why in zip(piece.video_ids, piece.paths, piece.captions, reasons):
@@ -446,7 +435,7 @@ class PiecePreprocessor:
                                      why or MISSING_VIDEO))
                 continue
             try:
-                row = decode(path, self.video, self.encoding, self.jpeg_quality, name=path)
+                row = preprocess_video(path, self.video, self.encoding, self.jpeg_quality, name=path, isolated=isolated)
             except VideoDecodeError as exc:
                 errors.append(_error(piece, video_id, path, exc.reason))
                 continue
@@ -497,45 +486,6 @@ def _release_freed_memory() -> None:
 
 def _attempt_prefix(piece: Piece) -> str:
     return f"{piece.split}-part-{piece.part:05d}-piece-{piece.piece:05d}."
-
-
-# Decodes one video in a fresh interpreter; a list so that tests can put a crashing command in its place.
-ISOLATED_COMMAND = [sys.executable, "-c", "from stgpt.preprocessing import _isolated_main; _isolated_main()"]
-
-
-def preprocess_video_isolated(source: str, video: VideoConfig, encoding: str = "jpeg", jpeg_quality: int = 95,
-                              name: str | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
-    """`preprocess_video` in a child process: a decoder that crashes or hangs fails this video, not the worker."""
-    from stgpt.video import VideoDecodeError
-
-    request = json.dumps({"source": source, "video": dataclasses.asdict(video), "encoding": encoding,
-                          "jpeg_quality": jpeg_quality, "name": name})
-    label = name or source
-    try:
-        done = subprocess.run(ISOLATED_COMMAND, input=request.encode(), capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise VideoDecodeError(label, f"decoding took over {timeout_s:.0f} s (stopped)") from None
-    if done.returncode != 0:
-        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
-        raise VideoDecodeError(label, f"the decoder crashed on this file ({how})")
-    status, value = pickle.loads(done.stdout)
-    if status == "error":
-        raise VideoDecodeError(label, value)
-    return value
-
-
-def _isolated_main() -> None:
-    from stgpt.video import VideoDecodeError
-
-    request = json.loads(sys.stdin.buffer.read())
-    request["video"] = VideoConfig(**request["video"])
-    try:
-        result = ("ok", preprocess_video(**request))
-    except VideoDecodeError as exc:
-        result = ("error", exc.reason)
-    except Exception as exc:
-        result = ("error", f"unexpected {type(exc).__name__}: {exc}"[:500])
-    sys.stdout.buffer.write(pickle.dumps(result))
 
 
 def _error(piece: Piece, video_id: str, path: str, reason: str) -> dict[str, Any]:
@@ -699,8 +649,6 @@ def preprocess(
 
 def _preprocess_locked(folder: OutputFolder, plans: list[SplitPlan], cfg: Config, overwrite: bool,
                        progress: bool | None, log: Callable[[str], None]) -> PreprocessSummary:
-    import ray
-
     pcfg = cfg.preprocess
     folder.clean_temporary()  # a new run: temporary files and attempt counts of earlier runs are void
     start = time.perf_counter()
@@ -907,8 +855,6 @@ def _differences(old: dict, new: dict) -> str:
 
 def _run_pieces(pieces: list[Piece], output: str, cfg: Config) -> Iterator[dict[str, Any]]:
     """Ray Data: one input row per piece, a pool of `PiecePreprocessor` actors over the cluster, reports out."""
-    import ray
-
     pcfg = cfg.preprocess
     size = pcfg.concurrency
     if size is None:  # as many workers as the cluster's CPUs hold
@@ -935,8 +881,6 @@ def _run_pieces(pieces: list[Piece], output: str, cfg: Config) -> Iterator[dict[
 
 @functools.cache
 def _remote_merge():
-    import ray
-
     # I/O only, so it takes no CPU slot (the actor pool may hold them all); SPREAD keeps it off a busy driver.
     return ray.remote(num_cpus=0, scheduling_strategy="SPREAD", max_retries=3)(merge_part)
 
@@ -968,8 +912,8 @@ def _finish_split(folder: OutputFolder, plan: SplitPlan, cfg: Config, resumed: i
     folder.write_json(f"{split}-manifest.json", manifest)
     return SplitSummary(split=split, videos=len(plan.video_ids), rows=rows, errors=len(errors),
                         parts=plan.num_parts, parts_resumed=resumed, videos_processed=processed,
-                        nodes=dict(nodes), errors_file=folder.path(errors_name) if "://" not in folder.uri
-                        else f"{folder.uri.rstrip('/')}/{errors_name}")
+                        nodes=dict(nodes), errors_file=folder.path(errors_name) if folder.local
+                        else storage.child(folder.uri, errors_name))
 
 
 def read_errors(output: str | os.PathLike, split: str) -> list[dict[str, Any]]:

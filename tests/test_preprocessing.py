@@ -17,6 +17,7 @@ import pytest
 from stgpt.annotations import VideoAnnotation, load_annotations, save_annotations
 from stgpt.config import load_config
 from stgpt import preprocessing
+from stgpt.isolation import CRASH
 from stgpt.preprocessing import (
     OutputFolder,
     PiecePreprocessor,
@@ -25,7 +26,6 @@ from stgpt.preprocessing import (
     plan_split,
     preprocess,
     preprocess_video,
-    preprocess_video_isolated,
     read_errors,
     read_shard_metadata,
     split_name,
@@ -293,13 +293,14 @@ def test_default_run_preprocesses_every_synthetic_split(ray_cluster, tmp_path, c
         assert {r["height"] for r in rows} == {96}  # the default config, configs/tiny.yaml: 96 px crops
 
 
-def test_a_decoder_crash_fails_only_that_video(data, monkeypatch):
+def test_a_decoder_crash_fails_only_that_video(data, tmp_path):
     cfg = config()
     path = str(data["dataset"].video_path(min(set(data["entries"]) - data["bad"])))
-    assert preprocess_video_isolated(path, cfg.video) == preprocess_video(path, cfg.video)
-    monkeypatch.setattr(preprocessing, "ISOLATED_COMMAND", [sys.executable, "-c", "import os; os.abort()"])
-    with pytest.raises(VideoDecodeError, match=r"decoder crashed on this file \(signal 6\)"):
-        preprocess_video_isolated(path, cfg.video)
+    assert preprocess_video(path, cfg.video, isolated=True) == preprocess_video(path, cfg.video)
+    crashing = tmp_path / "crash.mp4"  # the isolated decoder kills itself on this (tests' fault injection)
+    crashing.write_bytes(CRASH + b"\0" * 64)
+    with pytest.raises(VideoDecodeError, match=r"decoder crashed on this file \(killed by SIGSEGV\)"):
+        preprocess_video(str(crashing), cfg.video, isolated=True)
 
 
 def test_a_piece_retried_after_its_worker_died_decodes_in_child_processes(ray_cluster, data, tmp_path):
