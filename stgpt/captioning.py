@@ -1,6 +1,6 @@
 """Caption a whole collection: every video of a folder, bucket, glob or list, one caption per video or per window.
 
-    inputs (sorted, cut into parts) -> Ray Data: from_items -> map_batches(decode_windows): CPU tasks, each video
+    inputs (sorted, cut into parts) -> Ray Data: from_items -> map_batches(decode_videos): CPU tasks, each video
     decoded in an isolated child and streamed window by window -> map_batches(ModelActor): a pool that only runs
     the model -> the driver writes each part once every video of it is in
 
@@ -31,7 +31,7 @@ import ray
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from stgpt import storage
+from stgpt import storage, synthetic
 from stgpt.annotations import VIDEO_EXTENSIONS
 from stgpt.config import Config
 from stgpt.pipeline import caption_stages, decode_videos, pool_size
@@ -202,11 +202,7 @@ def _read_list(path: str) -> list[tuple[str, str]]:
 
 def synthetic_test_inputs(cfg: Config) -> list[VideoInput]:
     """The embedded default: the synthetic dataset's test videos (made under `data.root` if missing)."""
-    from stgpt.synthetic import make_synthetic_dataset
-
-    data = cfg.data
-    dataset = make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
-                                                 "test": data.synthetic_test}, seed=data.synthetic_seed)
+    dataset = synthetic.from_config(cfg.data)
     return [VideoInput(v, str(dataset.video_path(v).resolve())) for v in dataset.video_ids("test")]
 
 

@@ -15,7 +15,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from stgpt.client import DEFAULT_URL
+import httpx
+
+from stgpt.client import DEFAULT_URL, caption
+from stgpt.inference import Captioner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +54,6 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def caption_remote(args: argparse.Namespace, generation: dict) -> dict:
-    import httpx
-
-    from stgpt.client import caption
-
     url = args.url or DEFAULT_URL
     try:
         return caption(args.video, url, timeout_s=args.timeout, **generation)
@@ -63,8 +62,6 @@ def caption_remote(args: argparse.Namespace, generation: dict) -> dict:
 
 
 def caption_offline(args: argparse.Namespace, generation: dict) -> dict:
-    from stgpt.inference import Captioner
-
     captioner = Captioner.from_pretrained(args.checkpoint, use_gpu=not args.cpu)
     start = time.perf_counter()
     result = captioner.caption_video(args.video, **generation)

@@ -1,27 +1,11 @@
-"""Fetching VATEX clips from YouTube with yt-dlp, one Ray task per video.
+"""Fetching VATEX clips from YouTube with yt-dlp, one Ray task per video, into a local or pyarrow folder.
 
-A VATEX video ID is `<YouTube ID>_<start>_<end>`, start and end in whole seconds (`Ptf_2VRj-V0_000122_000132`;
-YouTube IDs may hold `_` and `-`, so the ID is split from the right). Each task runs the `yt-dlp` executable
-for that clip: the `start`-`end` section only, the lowest resolution of at least 224 pixels high (the model
-sees 224x224 crops, so more is wasted bandwidth; a video with nothing that tall gives its best), saved as
-`<videoID>.<ext>` (mp4 or webm) in the videos folder, which may be local or any pyarrow filesystem (s3://, gs://;
-on a cluster it must be storage every node sees).
-
-- Only IDs of exactly that form (an 11-character YouTube ID of `[A-Za-z0-9_-]`, six-digit times) are asked for,
-  and file names and yt-dlp's output template are built from them alone: no path separator, `..`, `%(...)s`,
-  NUL or overlong name from an annotation file reaches a path. Any other ID is recorded as unavailable, with why.
-- A clip already in the folder is skipped without starting a task.
-- A video YouTube reports as gone (unavailable, private, removed, ...) is recorded in `unavailable.jsonl` in the
-  folder and not asked for again by later runs (unless `retry_unavailable`).
-- Anything else (timeouts, HTTP 429/5xx, a dropped connection) is retried up to `max_attempts` times with
-  exponential backoff; what still fails is listed in `failed.jsonl` (rewritten each run) and retried next run.
-- Records are written as results come (appended locally; on object stores rewritten every few seconds), so a
-  killed run keeps them; each run ends by compacting both files.
-- Downloads land in a local temporary folder and are moved into place whole, so the folder never holds a
-  partial clip.
-
-yt-dlp is an executable here, not a Python dependency (`pip install yt-dlp`; it needs `ffmpeg` on PATH to cut
-sections). Tests use a stand-in executable, since the test machines cannot reach YouTube.
+A VATEX video ID is `<11-character YouTube ID>_<start>_<end>`; only IDs of exactly that form are asked for, and
+file names and yt-dlp's template are built from them alone (no path from an annotation file reaches the disk).
+Clips already there are skipped; videos YouTube reports gone go to `unavailable.jsonl` and are not asked for
+again; transient failures are retried with backoff and what still fails is listed in `failed.jsonl`. Records
+are written as results come, and clips land whole (a local temporary folder, then a move). yt-dlp is an
+executable, not a Python dependency; tests use a stand-in, since test machines cannot reach YouTube.
 """
 from __future__ import annotations
 
@@ -35,6 +19,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
+
+import ray
 
 from stgpt import storage
 from stgpt.annotations import VIDEO_EXTENSIONS, find_videos, load_annotations
@@ -299,8 +285,6 @@ def download_vatex(
     waits on the network, hence the small `num_cpus_per_task`). An ID that is not a VATEX clip ID is never asked
     for: it is recorded as unavailable (with why) and the others go on. Records are written as results come.
     """
-    import ray
-
     start = time.perf_counter()
     video_ids = list(dict.fromkeys(a.video_id for path in annotation_files for a in load_annotations(path)))
     destination = _Folder(folder)

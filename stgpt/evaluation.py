@@ -1,27 +1,14 @@
-"""Evaluation: caption a split on a pool of Ray actors, then score the captions as coco-caption does.
+"""Evaluation: caption a split on Ray, then score the captions as coco-caption does.
 
-    shards or videos -> Ray Data -> map_batches(CaptionActor) -> predictions + errors -> score_captions -> files
+    shards or videos -> decode stage (CPU tasks) -> model actors (generate only) -> predictions + errors -> metrics
 
-Inputs are the Parquet shards of a split (what jobs/preprocess.py writes: uint8 frames, decoded on the actors)
-or raw videos named by an annotation file (decoded on the actors with `read_video`). Each actor of the pool
-loads the checkpoint once and runs beam search with the config's `generation` settings on batches of
-`evaluate.batch_size` videos, on one GPU (`evaluate.use_gpu`) or on `evaluate.cpus_per_actor` CPUs. It runs
-`Captioner.caption_frames`, the code single-process captioning and serving run, so the captions are theirs.
-
-Nothing lost, nothing twice: every input row becomes exactly one prediction or one error record (a video that
-does not decode, a shard row with damaged frames, a missing file, a second row of one video ID), and the
-driver checks that count before scoring. Videos that preprocessing already rejected are carried over from the
-shards' metadata, so `errors.jsonl` accounts for the whole split.
-
-Scoring is `stgpt.metrics.score_captions` (CIDEr-D, CIDEr, BLEU-1..4, METEOR, ROUGE-L, equal to pycocoevalcap),
-spread over `evaluate.metric_workers` Ray actors; references carrying the synthetic dataset's attributes also
-give per-attribute accuracy. Files written to the output folder:
-
-    generated_captions.json   [{"image_id", "caption"}]: SpaceTimeGPT's own file, COCO result format
-    metrics.json              corpus scores and what each variant is, counts, ids not scored, worst videos,
-                              attribute accuracy, checkpoint, data and generation settings, nodes, timings
-    per_video_scores.jsonl    {"video_id", <metric>: score, ..., "prediction", "reference"} per scored video
-    errors.jsonl              {"video_id", "path", "reason", "stage"} per video with no caption
+Inputs are a split's Parquet shards or raw videos named by an annotation file; `stgpt.pipeline` decodes them on
+CPU workers and a pool of `evaluate.num_actors` model actors runs beam search (`Captioner.caption_each`, the
+code offline captioning and serving run, so the captions are theirs). Nothing lost, nothing twice: every input
+row becomes one prediction or one error record, checked before scoring; videos preprocessing rejected are
+carried over from the shards' metadata. Scoring is `stgpt.metrics.score_captions` over `evaluate.metric_workers`
+actors; the synthetic dataset's references also give colour / shape / motion accuracy. Output files:
+`generated_captions.json` (COCO result format), `metrics.json`, `per_video_scores.jsonl`, `errors.jsonl`.
 """
 from __future__ import annotations
 
@@ -43,7 +30,7 @@ from stgpt import storage, synthetic
 from stgpt.annotations import VideoAnnotation, find_video_files, load_annotations, load_predictions, save_predictions
 from stgpt.checkpoints import UNTRAINED_NOTE
 from stgpt.config import Config, ConfigError
-from stgpt.metrics import METRICS, score_captions
+from stgpt.metrics import CIDER_D, METRICS, score_captions
 from stgpt.model import decode_settings
 from stgpt.pipeline import caption_stages, decode_shard_rows, decode_videos, pool_size
 from stgpt.preprocessing import PreprocessError, SplitInput, preprocess, read_shard_metadata
@@ -267,8 +254,6 @@ class EvaluationResult:
 
     def worst_videos(self, n: int | None = None) -> list[dict[str, Any]]:
         """The `n` lowest-CIDEr-D videos with their prediction and first reference, lowest first."""
-        from stgpt.metrics import CIDER_D
-
         metric = CIDER_D if CIDER_D in self.report.corpus else next(iter(self.report.corpus))
         return [{"video_id": video_id, metric: score, "prediction": self.predictions[video_id],
                  "reference": self.references[video_id][0]}

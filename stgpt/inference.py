@@ -26,14 +26,14 @@ class Caption:
 class Captioner:
     """A model on a device, turning uint8 frames or whole videos into captions by beam search."""
 
-    def __init__(self, captioner: CaptionModel, use_gpu: bool = True, precision: str = "auto",
+    def __init__(self, caption_model: CaptionModel, use_gpu: bool = True, precision: str = "auto",
                  encoder: EncoderConfig | None = None):
         self.device = pick_device(use_gpu)
         self.precision = resolve_precision(precision, self.device)
-        self.bundle = captioner
-        self.model = apply_encoder_options(captioner.model.to(self.device).eval(), encoder or EncoderConfig())
-        self.video = captioner.video
-        self.name = captioner.name
+        self.caption_model = caption_model
+        self.model = apply_encoder_options(caption_model.model.to(self.device).eval(), encoder or EncoderConfig())
+        self.video = caption_model.video
+        self.name = caption_model.name
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, use_gpu: bool = True, precision: str = "auto",
@@ -47,7 +47,7 @@ class Captioner:
         batch = torch.as_tensor(frames).to(self.device, non_blocking=True)
         pixel_values = to_pixel_values(batch, self.video)
         with autocast(self.device, self.precision):
-            return generate_captions(self.bundle, pixel_values, **generation)
+            return generate_captions(self.caption_model, pixel_values, **generation)
 
     def caption_each(self, frames: np.ndarray, **generation) -> list[str | Exception]:
         """`caption_frames` for a batch in one beam search; if that fails, each video alone, so one bad input

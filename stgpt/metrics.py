@@ -1,30 +1,12 @@
-"""Caption metrics as coco-caption computes them, exact when spread over Ray workers.
+"""Caption metrics as coco-caption computes them (CIDEr-D, CIDEr, BLEU-1..4, METEOR, ROUGE-L), exact when spread
+over Ray workers.
 
-Scores are CIDEr-D (pycocoevalcap's `Cider`, the headline number), plain CIDEr, BLEU-1..4, METEOR and ROUGE-L,
-all after coco-caption's PTB tokenisation. Three of them are corpus-level, so splitting the videos into shards
-and averaging shard scores would give wrong numbers:
-
-* CIDEr weighs n-grams by document frequencies over the *whole* reference corpus. Shards count their own
-  references' n-grams, the driver adds the counts up (they are integers, so the sum is exact) and every shard
-  then scores its videos against the same global table.
-* Corpus BLEU is a function of n-gram match counts summed over all videos: shards return per-video counts
-  and the driver runs pycocoevalcap's `BleuScorer` over all of them.
-* METEOR's corpus score comes from statistics summed by the METEOR jar's `EVAL` command, not from a mean of
-  segment scores: shards compute the per-segment statistics (the expensive alignments) and one jar evaluates
-  all of them once.
-
-PTB tokenisation is not split: the Stanford lexer looks across line ends (a sentence-final "a." becomes
-"a ." only if the next line starts with a capital), so tokenising chunks changes tokens at chunk edges. The
-driver tokenises all references in one Java run and all predictions in another, concurrently, exactly as
-pycocoevalcap's users do; that takes about a second, while the shards' METEOR jars are loading anyway.
-
-The workers have one of two jobs. A `_MeteorAligner` holds a METEOR jar: the jar starts loading its paraphrase
-table when the aligner is created, aligns a slice of the segments while the rest of the work goes on, and one
-of them stays alive for the final `EVAL`. An `_NgramShard` scores a slice of the videos for CIDEr, BLEU and
-ROUGE-L. Both run in this process (`num_workers` None or 1) or as Ray actors; actors, not tasks, because each
-keeps state between phases (a running jar, a shard's n-gram counts). Half the workers align (at least one):
-loading the table costs a jar about as much CPU as aligning half of VATEX's test split, and the jar is the
-longest chain of work, so fewer jars aligning more segments each, on cores of their own, finish soonest.
+Three of them are corpus-level, so averaging per-shard scores would be wrong: CIDEr's document frequencies
+are summed over shards into one global table, corpus BLEU's match counts are summed and scored once, and
+METEOR's corpus score comes from statistics one jar evaluates after the shards' jars did the alignments. PTB
+tokenisation is not split (the Stanford lexer looks across line ends): the driver tokenises references and
+predictions in one Java run each. Workers are actors (`_NgramShard`, `_MeteorAligner`), since each keeps state
+between phases; with `num_workers` 1, or no Ray connected, everything runs in this process.
 """
 from __future__ import annotations
 
@@ -34,12 +16,13 @@ import math
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import ray
 
 CIDER_D = "CIDEr-D"
 CIDER = "CIDEr"
@@ -231,8 +214,6 @@ def _check_java() -> None:
 def _worker_count(num_workers: int | None, num_videos: int) -> int:
     if num_workers is None or num_workers <= 1:
         return 1
-    import ray
-
     if not ray.is_initialized():  # the library never starts Ray: jobs connect (stgpt.launch), else one process
         return 1
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -454,8 +435,6 @@ class _MeteorAligner:
 
 def _node_id() -> str:
     try:
-        import ray
-
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # pragma: no cover - no Ray at all
         return ""

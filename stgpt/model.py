@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     GPT2Config,
-    GenerationConfig as HFGenerationConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     TimesformerConfig,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+)
+from transformers import (
+    GenerationConfig as HFGenerationConfig,
 )
 
 from stgpt.config import Config, GenerationConfig, ModelConfig, VideoConfig
@@ -51,8 +54,6 @@ class CaptionModel:
 def train_tokenizer(captions: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None,
                     ) -> PreTrainedTokenizerFast:
     """A GPT-2-style byte-level BPE tokenizer trained on `captions`; saved to `out_dir` if given."""
-    from tokenizers import ByteLevelBPETokenizer
-
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(list(captions), vocab_size=vocab_size, min_frequency=1,
                             special_tokens=[SPECIAL_TOKEN], show_progress=False)
@@ -165,16 +166,16 @@ def generation_config(gen: GenerationConfig, tokenizer: PreTrainedTokenizerBase)
     )
 
 
-def save_checkpoint(captioner: CaptionModel, out_dir: str | Path) -> Path:
+def save_checkpoint(caption_model: CaptionModel, out_dir: str | Path) -> Path:
     """Write a self-contained Hugging Face checkpoint: model, generation config, tokenizer, image processor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = captioner.model
+    model = caption_model.model
     if hasattr(model, "module"):  # unwrap DistributedDataParallel
         model = model.module
     model.save_pretrained(out)
-    captioner.tokenizer.save_pretrained(out)
-    image_processor(captioner.video).save_pretrained(out)
+    caption_model.tokenizer.save_pretrained(out)
+    image_processor(caption_model.video).save_pretrained(out)
     return out
 
 
@@ -191,11 +192,11 @@ def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str
 
 
 @torch.no_grad()
-def generate_captions(captioner: CaptionModel, pixel_values: torch.Tensor, **overrides) -> list[str]:
+def generate_captions(caption_model: CaptionModel, pixel_values: torch.Tensor, **overrides) -> list[str]:
     """Beam-search captions for a batch of normalised pixel values `(B, T, 3, H, W)`."""
-    model = captioner.model
+    model = caption_model.model
     output = model.generate(pixel_values=pixel_values.to(model.device, model.dtype), **overrides)
-    texts = captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
+    texts = caption_model.tokenizer.batch_decode(output, skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 

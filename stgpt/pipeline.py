@@ -19,8 +19,8 @@ import ray
 # otherwise spend seconds importing them. The model actor imports torch in its constructor.
 from stgpt import storage
 from stgpt.config import GenerationConfig, VideoConfig
-from stgpt.resources import ResourceError
 from stgpt.isolation import read_windows_isolated, sample_video_isolated
+from stgpt.resources import ResourceError
 from stgpt.shards import FRAME_COLUMNS, row_clip, row_error
 from stgpt.video import SampledWindow, VideoDecodeError
 
@@ -83,7 +83,9 @@ def centre_crop(frames: np.ndarray, crop: int) -> np.ndarray:
     """The centre `crop` square of frames already scaled to their short side (transforms.resize_and_crop's rule)."""
     height, width = frames.shape[1:3]
     if height < crop or width < crop:
-        from stgpt.transforms import resize_and_crop  # torch: only for frames smaller than the crop (rare)
+        from stgpt.transforms import (
+            resize_and_crop,  # torch: only for frames smaller than the crop (rare)
+        )
 
         return resize_and_crop(frames, crop, crop).numpy()
     top, left = (height - crop) // 2, (width - crop) // 2

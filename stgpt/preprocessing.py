@@ -1,60 +1,15 @@
 """Preprocessing: a folder of videos plus VATEX-format annotations in, Parquet shards out, with Ray Data.
 
-Each video is decoded on a Ray worker with the foundation's code (`stgpt.video.sample_video`: the exact reader,
-8 evenly sampled frames scaled to the short side on decode, as every model-input path does), centre-cropped as
-the VideoMAE processor does (`stgpt.transforms.resize_and_crop`), and stored as one row of `stgpt.shards.SCHEMA`: video ID, the uint8
-frames, the frame indices, the real frame count and the captions. Nothing is normalised here; float pixel values
-are made on the training device from the uint8 frames.
+Each video is decoded on a Ray worker by `stgpt.video.sample_video` (the exact reader, as every model-input
+path), centre-cropped as the VideoMAE processor does, and stored as one row of `stgpt.shards.SCHEMA` (uint8
+frames JPEG-encoded; RESULTS.md compares the encodings). The work plan is a pure function of the annotations
+and settings: sorted video IDs are cut into parts (one shard file each, `<split>-part-P-of-N.parquet`) and
+parts into pieces (the unit of Ray work, staged in `_work/`, merged by a Ray task when a part's pieces are in).
 
-The work plan is a pure function of the annotations and the settings, so a re-run finds the same work:
-
-- video IDs are sorted and cut into *parts* of `rows_per_shard` videos; part P of a split becomes the file
-  `<split>-part-P-of-N.parquet` (sorted by video ID), written to a temporary name and renamed, so a file
-  that exists is complete;
-- parts are cut into *pieces* of `videos_per_task` videos: the unit of Ray work. A piece's worker writes its
-  rows to `_work/` (again atomically); when all pieces of a part are in, a Ray task concatenates them into the
-  shard and deletes them. A part of one piece is written as the shard directly. Parallelism is thus the number
-  of pieces, whatever the shard size.
-
-Nothing lost, nothing twice. Every video of a piece ends as a row or as an error record (ID, path, reason: not
-found, empty, truncated, not a video, no decodable frames, ...), and the piece file carries both: its rows, and
-its error records in the Parquet key-value metadata `stgpt` (with the node that did the work and how long it
-took). A shard's metadata holds its part's errors, so shards alone account for every video; `<split>-errors.jsonl`
-gathers them at the end of each run. A re-run skips shards that exist and pieces already in `_work/` if they
-were made from the same inputs: each shard and piece stores a digest of its videos' captions and the file found
-for each (file name, size, modification time; pyarrow's FileInfo has no etag, so object stores are compared
-by size and time too), so fixed captions, a clip downloaded since, or a replaced file redo exactly the parts
-they touch. A run killed at any point leaves only whole files, so the resumed output has one row or error per
-video. `<split>-manifest.json` records the settings that fix the partitioning; a re-run with other settings
-(another `rows_per_shard`, other frame settings, another annotation file) is refused rather than mixed, unless
-asked to overwrite. One run at a time per output folder (`_lock.json`, see `RunLock`): a run starts by clearing
-the temporary files in `_work/`.
-
-Output folder (local, or any filesystem pyarrow understands, e.g. ``s3://bucket/shards``):
-
-    <split>-part-00000-of-00004.parquet   shards; metadata "stgpt": part, rows, errors, pieces (node, seconds)
-    <split>-errors.jsonl                  {"video_id", "path", "reason", "split", "part"} per unusable video
-    <split>-manifest.json                 partitioning and frame settings; status and counts after a run
-    _lock.json                            the run working on the folder (pid, host, start), while it runs
-    _work/                                pieces of unfinished parts, temporary files (readers skip "_" names)
-
-Frame storage: JPEG, quality 95, chroma at full resolution (`preprocess.frame_encoding=jpeg`, the default).
-Measured by benchmarks/preprocess_bench.py on 224x224 frames of 640x360 H.264 web-like clips (RESULTS.md):
-
-| per frame                        | KiB   | encode CPU ms | decode CPU ms | fidelity   |
-| -------------------------------- | ----- | ------------- | ------------- | ---------- |
-| JPEG q95 (Pillow, libjpeg-turbo) | 38.7  | 0.36          | 0.60          | PSNR 40 dB |
-| PNG                              | 100.1 | 5.0           | 2.0           | lossless   |
-| raw uint8                        | 147.0 | ~0            | ~0            | lossless   |
-| float32 pixel values (original)  | 588.0 | -             | -             | -          |
-
-Sampling, resizing and cropping a video costs ~100 ms of CPU, so JPEG adds ~3% to preprocessing (8 frames,
-3 ms) and saves 3.8x the disk and I/O of raw; training decodes 8 JPEGs in ~5 ms per video, far below a training
-step. Its loss, PSNR 40 dB, is an RMS error of 2.5 grey levels out of 255. Raw needs no codec at all and stays
-available (`frame_encoding=raw`) where CPU is scarcer than disk or bandwidth; PNG costs 14x JPEG's CPU to store
-2.6x its bytes. Scaling in the decoder's colour conversion (swscale bilinear) costs 0.9 ms a frame against
-torch's antialiased resize of a full-size frame, and differs from it by ~4 grey levels on average; serving,
-evaluation and captioning read through the same call, so what the model is served matches what it trained on.
+Nothing lost, nothing twice: every video ends as a row or an error record carried in the shard's metadata, so
+shards alone account for every video (`<split>-errors.jsonl` gathers them). Files appear whole or not at all,
+a re-run skips what exists when it was made from the same inputs (a digest of captions and files), other
+settings are refused unless asked to overwrite, and one run at a time holds the folder (`_lock.json`).
 """
 from __future__ import annotations
 

@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import httpx
+
+from stgpt.client import caption
 from stgpt.standins import StandIns, write_standins
+from stgpt.synthetic import make_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "configs" / "vatex.yaml"
@@ -80,10 +84,6 @@ def serve_one_request(checkpoint: Path, video: Path, timeout: float, log: Callab
                       env: dict[str, str] | None = None) -> dict:
     """Start jobs/serve.py on `checkpoint`, caption `video` once over HTTP, stop the server (SIGINT: its clean
     shutdown)."""
-    import httpx
-
-    from stgpt.client import caption
-
     port = _free_port()
     command = [sys.executable, "jobs/serve.py", "--checkpoint", str(checkpoint), "--port", str(port),
                "--num-replicas", "1"]
@@ -122,8 +122,6 @@ def rehearse(out: str | Path, encoder_layers: int = 12, decoder_layers: int = 12
              serve_env: dict[str, str] | None = None) -> Rehearsal:
     """Run the recipe's four jobs end to end under `out` (see the module docstring). `runner` runs the batch
     jobs (default: locally; e.g. `ray job submit` to a cluster), `serve_env` is the server's extra environment."""
-    from stgpt.synthetic import make_synthetic_dataset
-
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = "python"

@@ -21,7 +21,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
+
+import ray
 
 from stgpt.config import ClusterConfig, Config
 
@@ -53,10 +55,10 @@ class Plan:
     spare_key: str = "cluster.data_cpus"
 
     def describe(self) -> str:
-        parts = [f"{g.count} {g.name} x {_fmt(g.bundle)}" for g in self.groups]
+        parts = [f"{g.count} {g.name} x {_fmt(g.caption_model)}" for g in self.groups]
         if self.spare_cpus:
             parts.append(f"{self.spare_cpus:g} CPU for Ray Data beside them")
-        total = _add(*[{k: v * g.count for k, v in g.bundle.items()} for g in self.groups], {"CPU": self.spare_cpus})
+        total = _add(*[{k: v * g.count for k, v in g.caption_model.items()} for g in self.groups], {"CPU": self.spare_cpus})
         return f"{self.job} asks for {' + '.join(parts)} = {_fmt(total)}"
 
 
@@ -94,8 +96,6 @@ class ClusterView:
 
 def cluster_view(autoscaling: Optional[bool] = None) -> ClusterView:
     """The connected cluster's alive nodes (logical resources, as the scheduler counts them)."""
-    import ray
-
     nodes = [{k: float(v) for k, v in n.get("Resources", {}).items() if not k.startswith(("node:", "memory",
                                                                                           "object_store"))}
              for n in ray.nodes() if n.get("Alive")]
@@ -122,7 +122,6 @@ def autoscaler_running() -> bool:
         pass
     if not types:
         try:
-            import ray
             from ray.autoscaler.v2.sdk import get_cluster_status
 
             status = get_cluster_status(ray.get_runtime_context().gcs_address)
@@ -138,7 +137,7 @@ def fits(plan: Plan, cluster: ClusterView) -> bool:
     """Whether every bundle of `plan` has a node to go on (largest first, first fit), with `spare_cpus` left
     in all, at least one whole CPU (or all of it, if less) on one node so a task of 1 CPU can run."""
     free = [dict(n) for n in cluster.nodes]
-    bundles = sorted((g.bundle for g in plan.groups for _ in range(g.count)),
+    bundles = sorted((g.caption_model for g in plan.groups for _ in range(g.count)),
                      key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
     for bundle in bundles:
         for node in sorted(free, key=lambda n: n.get("CPU", 0.0)):  # tightest node first, as PACK does
@@ -216,7 +215,7 @@ def _request(plan: Plan) -> None:
     try:
         from ray.autoscaler.sdk import request_resources
 
-        bundles = [g.bundle for g in plan.groups for _ in range(g.count)]
+        bundles = [g.caption_model for g in plan.groups for _ in range(g.count)]
         if plan.spare_cpus:
             bundles.append({"CPU": plan.spare_cpus})
         request_resources(bundles=bundles)
@@ -276,17 +275,15 @@ def fit_evaluation(cfg: Config, log: Callable[[str], None] = print) -> Config:
 def pending_report(limit: int = 8) -> str:
     """What Ray is waiting to place: the scheduler's resource demands (what `ray status` shows), the tasks,
     actors and placement groups pending in the state API (their names say which Ray Data operator), free CPUs."""
-    import ray
-
     lines = []
     gcs = ray.get_runtime_context().gcs_address
     try:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         demands = get_cluster_status(gcs).resource_demands
-        shapes = [f"{r.count} x {{{_fmt(r.bundle)}}}"
+        shapes = [f"{r.count} x {{{_fmt(r.caption_model)}}}"
                   for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
-        shapes += [f"placement group {{{' + '.join(_fmt(r.bundle) for r in d.bundles_by_count)}}}"
+        shapes += [f"placement group {{{' + '.join(_fmt(r.caption_model) for r in d.bundles_by_count)}}}"
                    for d in demands.placement_group_demand]
         lines.append(f"resource demands: {', '.join(shapes[:limit]) or 'none'}")
     except Exception as exc:  # noqa: BLE001 - best effort: the state API below may still answer
@@ -319,8 +316,6 @@ def pending_report(limit: int = 8) -> str:
 
 def _data_operators(limit: int) -> list[str]:
     """Ray Data's running datasets of this job and their unfinished operators, from Ray Data's stats actor."""
-    import ray
-
     try:
         from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
 

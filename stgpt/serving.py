@@ -372,7 +372,7 @@ class CaptionDeployment:
 
         captioner = self.captioner
         with autocast(captioner.device, captioner.precision):
-            return generate_captions(captioner.bundle, pixel_values.to(captioner.device), **generation)
+            return generate_captions(captioner.caption_model, pixel_values.to(captioner.device), **generation)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 from pyarrow import fs as pafs
 
 from stgpt import storage
@@ -105,8 +106,6 @@ def encode_frames(frames: np.ndarray, encoding: str = "jpeg", quality: int = 95)
         raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.shape} {frames.dtype}")
     if encoding == "raw":
         return [np.ascontiguousarray(f).tobytes() for f in frames]
-    from PIL import Image
-
     out = []
     for frame in frames:
         buf = io.BytesIO()
@@ -131,8 +130,6 @@ def decode_frames(encoded: Sequence[bytes], encoding: str, height: int, width: i
                 raise ShardRowError(f"frame {i} has {len(data)} bytes, expected {height}x{width}x3")
             frames[i] = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
             continue
-        from PIL import Image
-
         try:
             image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         except Exception as exc:
@@ -157,7 +154,9 @@ def row_clip(row: Mapping[str, Any], video: VideoConfig) -> np.ndarray:
     clip = row_frames(row, video.num_frames)
     if clip.shape[1:3] == (video.crop_size, video.crop_size):
         return clip
-    from stgpt.transforms import resize_and_crop  # torch: only for rows stored at another size (decode tasks stay light)
+    from stgpt.transforms import (
+        resize_and_crop,  # torch: only for rows stored at another size (decode tasks stay light)
+    )
 
     return resize_and_crop(clip, video.short_side, video.crop_size).numpy()
 

@@ -28,6 +28,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, Timesforme
 
 from stgpt.config import VideoConfig
 from stgpt.model import SPECIAL_TOKEN
+from stgpt.synthetic import plan_dataset
 from stgpt.transforms import image_processor
 
 ENCODER_HUB_ID = "facebook/timesformer-base-finetuned-k600"
@@ -56,8 +57,6 @@ class StandIns:
 
 def _corpus() -> list[str]:
     """Some English for the tokenizer: the synthetic dataset's captions and this project's documentation."""
-    from stgpt.synthetic import plan_dataset
-
     plans = plan_dataset({"train": 512}, seed=0)
     texts = [caption for spec in plans["train"] for caption in spec.captions]
     readme = Path(__file__).resolve().parent.parent / "README.md"

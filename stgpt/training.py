@@ -80,7 +80,7 @@ class WorkerRun:
     world: int
     device: torch.device
     precision: str
-    captioner: CaptionModel  # the model with its tokenizer and video settings (what a checkpoint saves)
+    caption_model: CaptionModel  # the model with its tokenizer and video settings (what a checkpoint saves)
     model: torch.nn.Module  # the same model, wrapped for DDP when world > 1
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -117,9 +117,9 @@ def _setup(config: dict) -> WorkerRun:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
         resume_dir = Path(resume_dir) if resume_dir else None
-        captioner = _worker_model(cfg, config.get("tokenizer_files"), resume_dir)
-        apply_encoder_options(captioner.model, cfg.encoder)
-        model = ray.train.torch.prepare_model(captioner.model, parallel_strategy="ddp" if world > 1 else None)
+        caption_model = _worker_model(cfg, config.get("tokenizer_files"), resume_dir)
+        apply_encoder_options(caption_model.model, cfg.encoder)
+        model = ray.train.torch.prepare_model(caption_model.model, parallel_strategy="ddp" if world > 1 else None)
         raw_model = model.module if hasattr(model, "module") else model
         optimizer = make_optimizer(raw_model, t.lr, t.weight_decay)
         per_epoch = steps_per_epoch(config["num_train_samples"], world, t.batch_size, t.grad_accum_steps)
@@ -133,7 +133,7 @@ def _setup(config: dict) -> WorkerRun:
     writer = tensorboard(t.output_dir, progress.step) if rank == 0 else None
     log = Logger(rank, world, writer, device, Path(t.output_dir) / PROGRESS_FILE if rank == 0 else None)
     val_data = ray.train.get_dataset_shard("validation") if config.get("has_validation") else None
-    return WorkerRun(cfg, rank, world, device, precision, captioner, model, optimizer, scheduler, scaler, progress,
+    return WorkerRun(cfg, rank, world, device, precision, caption_model, model, optimizer, scheduler, scaler, progress,
                      log, writer, ray.train.get_dataset_shard("train"), val_data, config.get("hooks") or (), started)
 
 
@@ -150,7 +150,7 @@ def _train_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, float], bool]:
     stopped_mid_epoch = False
     batches = TimedIterator(run.train_data.iter_torch_batches(
         batch_size=t.batch_size, prefetch_batches=2,
-        collate_fn=functools.partial(collate_rows, tokenizer=run.captioner.tokenizer, video=run.cfg.video,
+        collate_fn=functools.partial(collate_rows, tokenizer=run.caption_model.tokenizer, video=run.cfg.video,
                                      seed=t.seed, epoch=epoch),
         local_shuffle_buffer_size=t.shuffle_buffer or None,
         local_shuffle_seed=t.seed * 100_003 + epoch * 1_009 + run.rank,
@@ -205,7 +205,7 @@ def _end_epoch(run: WorkerRun, epoch: int, train_metrics: dict[str, float], stop
     t = run.cfg.train
     metrics = {"epoch": epoch, "step": run.progress.step, "lr": run.scheduler.get_last_lr()[0], **train_metrics}
     if run.val_data is not None:
-        metrics.update(validate(run.model, run.captioner, run.val_data, run.device, run.precision, run.cfg, run.log))
+        metrics.update(validate(run.model, run.caption_model, run.val_data, run.device, run.precision, run.cfg, run.log))
     metrics.update(run.log.epoch_health())
     if run.rank == 0 and t.checkpoint_metric not in metrics:  # rank 0's metrics are the checkpoint's
         raise KeyError(f"train.checkpoint_metric={t.checkpoint_metric!r} is not among the epoch metrics "
@@ -224,7 +224,7 @@ def forward(model, batch: Batch, video: VideoConfig, device: torch.device) -> to
 
 
 @torch.no_grad()
-def validate(model, captioner, val_data, device: torch.device, precision: str, cfg: Config,
+def validate(model, caption_model, val_data, device: torch.device, precision: str, cfg: Config,
              log: Logger) -> dict[str, float]:
     """Token-weighted validation loss over every worker's share, and CIDEr-D of generated captions on up to
     `train.val_cider_videos` videos when asked (gathered and scored on rank 0)."""
@@ -235,7 +235,7 @@ def validate(model, captioner, val_data, device: torch.device, precision: str, c
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
     cider_quota = math.ceil(t.val_cider_videos / log.world) if t.val_cider_videos else 0
-    collate = functools.partial(collate_rows, tokenizer=captioner.tokenizer, video=cfg.video, seed=t.seed,
+    collate = functools.partial(collate_rows, tokenizer=caption_model.tokenizer, video=cfg.video, seed=t.seed,
                                 epoch=VALIDATION_EPOCH)
     for batch in val_data.iter_torch_batches(batch_size=t.batch_size, prefetch_batches=2, collate_fn=collate):
         log.bad_rows(batch.bad, validation=True)
@@ -250,7 +250,7 @@ def validate(model, captioner, val_data, device: torch.device, precision: str, c
             pixel_values = to_pixel_values(batch.frames[:take].to(device), cfg.video)
             with autocast(device, precision):
                 output = raw.generate(pixel_values=pixel_values)
-            texts = captioner.tokenizer.batch_decode(output, skip_special_tokens=True)
+            texts = caption_model.tokenizer.batch_decode(output, skip_special_tokens=True)
             for video_id, text, refs in zip(batch.video_ids, texts, batch.references):
                 predictions[video_id] = text.strip()
                 references[video_id] = refs
@@ -340,7 +340,7 @@ def _report_checkpoint(run: WorkerRun, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="stgpt-ckpt-") as tmp:
-        save_checkpoint(dataclasses.replace(run.captioner, model=run.raw_model), tmp)
+        save_checkpoint(dataclasses.replace(run.caption_model, model=run.raw_model), tmp)
         save_training_state(tmp, run.optimizer, run.scheduler, run.scaler, run.progress)
         (Path(tmp) / "trainer_state.json").write_text(json.dumps({"progress": dataclasses.asdict(run.progress),
                                                                   "metrics": metrics}, indent=1, default=float))
@@ -351,10 +351,10 @@ def _worker_model(cfg: Config, tokenizer_files: dict[str, str] | None, resume_di
     """The model to train on this worker: from the checkpoint being resumed, else as the config says (with the
     tokenizer the driver trained, shipped as file contents so workers need no shared disk)."""
     if resume_dir is not None:
-        captioner = load_checkpoint(resume_dir, num_frames=cfg.video.num_frames)
-        captioner = dataclasses.replace(captioner, video=cfg.video)
-        captioner.model.generation_config = generation_config(cfg.generation, captioner.tokenizer)
-        return captioner
+        caption_model = load_checkpoint(resume_dir, num_frames=cfg.video.num_frames)
+        caption_model = dataclasses.replace(caption_model, video=cfg.video)
+        caption_model.model.generation_config = generation_config(cfg.generation, caption_model.tokenizer)
+        return caption_model
     if tokenizer_files:
         folder = Path(tempfile.mkdtemp(prefix="stgpt-tokenizer-"))
         for name, text in tokenizer_files.items():
