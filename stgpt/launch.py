@@ -53,7 +53,7 @@ def local_cpus(plan: Optional[Plan]) -> int:
     group counts one bundle: it shrinks to what there is)."""
     needed = 0.0
     if plan is not None:
-        needed = plan.spare_cpus + sum((1 if group.auto else group.count) * group.caption_model.get("CPU", 0.0)
+        needed = plan.spare_cpus + sum((1 if group.auto else group.count) * group.bundle.get("CPU", 0.0)
                                        for group in plan.groups)
     return max(os.cpu_count() or 1, math.ceil(needed))
 

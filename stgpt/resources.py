@@ -55,10 +55,10 @@ class Plan:
     spare_key: str = "cluster.data_cpus"
 
     def describe(self) -> str:
-        parts = [f"{g.count} {g.name} x {_fmt(g.caption_model)}" for g in self.groups]
+        parts = [f"{g.count} {g.name} x {_fmt(g.bundle)}" for g in self.groups]
         if self.spare_cpus:
             parts.append(f"{self.spare_cpus:g} CPU for Ray Data beside them")
-        total = _add(*[{k: v * g.count for k, v in g.caption_model.items()} for g in self.groups], {"CPU": self.spare_cpus})
+        total = _add(*[{k: v * g.count for k, v in g.bundle.items()} for g in self.groups], {"CPU": self.spare_cpus})
         return f"{self.job} asks for {' + '.join(parts)} = {_fmt(total)}"
 
 
@@ -137,7 +137,7 @@ def fits(plan: Plan, cluster: ClusterView) -> bool:
     """Whether every bundle of `plan` has a node to go on (largest first, first fit), with `spare_cpus` left
     in all, at least one whole CPU (or all of it, if less) on one node so a task of 1 CPU can run."""
     free = [dict(n) for n in cluster.nodes]
-    bundles = sorted((g.caption_model for g in plan.groups for _ in range(g.count)),
+    bundles = sorted((g.bundle for g in plan.groups for _ in range(g.count)),
                      key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True)
     for bundle in bundles:
         for node in sorted(free, key=lambda n: n.get("CPU", 0.0)):  # tightest node first, as PACK does
@@ -215,7 +215,7 @@ def _request(plan: Plan) -> None:
     try:
         from ray.autoscaler.sdk import request_resources
 
-        bundles = [g.caption_model for g in plan.groups for _ in range(g.count)]
+        bundles = [g.bundle for g in plan.groups for _ in range(g.count)]
         if plan.spare_cpus:
             bundles.append({"CPU": plan.spare_cpus})
         request_resources(bundles=bundles)
@@ -281,9 +281,9 @@ def pending_report(limit: int = 8) -> str:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
         demands = get_cluster_status(gcs).resource_demands
-        shapes = [f"{r.count} x {{{_fmt(r.caption_model)}}}"
+        shapes = [f"{r.count} x {{{_fmt(r.bundle)}}}"
                   for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
-        shapes += [f"placement group {{{' + '.join(_fmt(r.caption_model) for r in d.bundles_by_count)}}}"
+        shapes += [f"placement group {{{' + '.join(_fmt(r.bundle) for r in d.bundles_by_count)}}}"
                    for d in demands.placement_group_demand]
         lines.append(f"resource demands: {', '.join(shapes[:limit]) or 'none'}")
     except Exception as exc:  # noqa: BLE001 - best effort: the state API below may still answer
