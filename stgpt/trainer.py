@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import ray.train
+from ray.data import ExecutionOptions, ExecutionResources
 from ray.train.torch import TorchTrainer
 
 from stgpt import storage, synthetic
@@ -83,8 +84,12 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
     # that stall training. Poll every 0.5 s unless the user chose otherwise (Ray propagates it to the controller).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     mode = metric_mode(t.checkpoint_metric)
+    # Ray Data's budget is cluster.data_cpus: fit_training checked that many CPUs are there beside the workers'
+    # placement group, and the limit keeps the pipeline within it.
+    data_limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=cfg.cluster.data_cpus))
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=data_limits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={
             "CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=ray.train.RunConfig(
@@ -95,7 +100,6 @@ def run_training(cfg: Config, hooks: Sequence[Hook] = (), log: Callable[[str], N
                                                          checkpoint_score_order=mode),
         ),
     )
-    # fit_training left cluster.data_cpus CPUs beside the workers' placement group: Ray Data's budget.
     with (Watchdog.from_config("training step", cfg.cluster, on_fail=on_stall, log=log,
                                probe=heartbeat_probe(output_dir / HEARTBEAT_FILE)),
           EpochProgress(output_dir / PROGRESS_FILE, t.epochs, log)):
