@@ -82,8 +82,9 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
+    options = {"include_dashboard": True, "dashboard_port": port,
+               "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs}
+    ray.init(address="local", num_cpus=num_cpus, **options)
 
 
 def exits(usage: tuple[type[BaseException], ...] = (), failed: tuple[type[BaseException], ...] = ()
