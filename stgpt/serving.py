@@ -213,14 +213,15 @@ def serving(service: Service, log: Callable[[str], None] = print) -> Iterator[st
     ServiceError if they do not start."""
     ensure_fits(service.plan(), service.cfg.cluster, log)
     serve.start(http_options=service.http_options, proxy_location=service.file.proxy_location)
-    name = service.file.name
+    name, running = service.file.name, False
     try:
         serve.run_many([serve.RunTarget(build_app(service.args), name=name, route_prefix=service.file.route_prefix)],
                        wait_for_applications_running=False)  # waited for below, saying why it takes long
         wait_until_running(name, service.cfg, log)
+        running = True
         yield service.url
-    finally:
-        serve.delete(name)
+    finally:  # replicas that never started have no requests to finish: no grace period for them
+        serve.delete(name, _blocking=running)
 
 
 def wait_until_running(app_name: str, cfg: Config, log: Callable[[str], None] = print, poll_s: float = 0.5) -> None:

@@ -159,6 +159,24 @@ def test_serve_config_file_sets_only_what_it_changes():
     assert spec.http_options["request_timeout_s"] > args.serve.request_timeout_s  # the proxy's is the backstop
 
 
+def test_serve_job_refuses_bad_settings_before_starting_anything(assets, capsys):
+    """jobs/serve.py exits 2, naming the key, for a bad override or app arg (before it connects to Ray)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    checkpoint = ["--checkpoint", str(assets["checkpoint"])]
+    for argv, words in [(["serve.max_batch_size=eight"], "serve.max_batch_size"),
+                        (["serve.batch_size=4"], "serve.batch_size"),
+                        (["video.num_frames=4"], "SECTION.KEY=VALUE"),
+                        (["cluster.stall_warn=1"], "cluster.stall_warn")]:
+        assert job.main(checkpoint + argv) == 2
+        assert words in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------
 # The service.
 
