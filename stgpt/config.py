@@ -176,8 +176,8 @@ class CaptionConfig:
 
 @dataclass
 class ServeConfig:
-    """A caption replica (stgpt/serving_deployment.py); the serving defaults live here only. The first six may
-    change on running replicas through Serve's `user_config`; the rest apply when replicas start."""
+    """A caption replica (stgpt/serving_deployment.py); the serving defaults live here only. Batching, request
+    bounds and the timeout may change on running replicas through Serve's `user_config` (LIVE_SETTINGS there)."""
 
     max_batch_size: int = 8  # requests per batched beam search (@serve.batch)
     batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
