@@ -107,7 +107,7 @@ def build_app(args: AppArgs) -> Application:
 class ServeFile:
     """One application of a Serve config file and the file's HTTP options."""
 
-    app_args: dict[str, Any]  # build_app args, the file's `deployments:` options folded into `deployment`
+    app_args: dict[str, Any]  # build_app args, the file's `deployments:` options folded into (and over) `deployment`
     name: str
     route_prefix: str
     http_options: dict[str, Any] = field(default_factory=dict)
@@ -125,8 +125,8 @@ def load_serve_file(path: str | os.PathLike, app_name: Optional[str] = None) -> 
     spec = apps[0]
     args = dict(spec.get("args") or {})
     mine = [d for d in spec.get("deployments") or [] if d.get("name") == CaptionDeployment.name]
-    if mine:
-        args["deployment"] = {**{k: v for k, v in mine[0].items() if k != "name"}, **(args.get("deployment") or {})}
+    if mine:  # as `serve deploy` applies them: the file's deployment options over the args' own
+        args["deployment"] = {**(args.get("deployment") or {}), **{k: v for k, v in mine[0].items() if k != "name"}}
     http = schema.http_options.model_dump(exclude_unset=True) if "http_options" in raw else {}
     return ServeFile(app_args=args, name=spec.get("name", "default"), route_prefix=spec.get("route_prefix", "/"),
                      http_options=http, proxy_location=raw.get("proxy_location"))
