@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0,
                         help="requests per level and deployment (default: max(16, 12 x concurrency))")
     parser.add_argument("--config", default="configs/serve.yaml", help="Serve config file of the deployment")
-    parser.add_argument("--max-batch-size", type=int, help="override the file's serve.max_batch_size")
-    parser.add_argument("--batch-wait-timeout-s", type=float, help="override the file's serve.batch_wait_timeout_s")
+    parser.add_argument("--max-batch-size", type=int, help="override the max_batch_size the file gives")
+    parser.add_argument("--batch-wait-timeout-s", type=float, help="override the batch_wait_timeout_s the file gives")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level and deployment")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")

@@ -10,6 +10,7 @@ For a cluster, use the same file with `serve deploy configs/serve.yaml`; a chang
 reconfigures running replicas. Exit status 2: bad settings, or the replicas cannot fit the cluster; 1: they did
 not start within `cluster.stall_fail_s` (the message says what Ray has pending).
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(lambda: run(args), failed=(ServiceError,))
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     service = load_service(args.config, args.overrides, checkpoint=args.checkpoint, host=args.host,
                            port=args.port, num_replicas=args.num_replicas)
     print(f"Serving checkpoint {service.choice.path} [{service.choice.origin}]", flush=True)
