@@ -496,7 +496,8 @@ def test_replicas_that_cannot_be_placed_are_reported_then_fail(server, assets, t
     raw = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
     app = raw["applications"][0]
     app.update(name="stgpt-stalled", route_prefix="/stalled")
-    app["deployments"][0]["ray_actor_options"] = {"num_cpus": 0.5, "resources": {"stgpt_missing_thing": 1}}
+    app["deployments"][0].update(ray_actor_options={"num_cpus": 0.5, "resources": {"stgpt_missing_thing": 1}},
+                                 graceful_shutdown_timeout_s=1)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
     port = int(server["main"].rsplit(":", 1)[1].split("/")[0])
     service = load_service(tmp_path / "serve.yaml", ["cluster.stall_warn_s=1", "cluster.stall_fail_s=4"],
@@ -508,4 +509,7 @@ def test_replicas_that_cannot_be_placed_are_reported_then_fail(server, assets, t
     warnings = [line for line in lines if line.startswith("no replica start finished")]
     assert warnings and "cluster.stall_warn_s=1" in warnings[0] and "stgpt_missing_thing" in warnings[0], lines
     assert "cluster.stall_fail_s=4" in str(failed.value) and "stgpt_missing_thing" in str(failed.value)
+    deadline = time.monotonic() + 60  # the app is taken down (asynchronously: nothing in it ever ran)
+    while "stgpt-stalled" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert "stgpt-stalled" not in serve.status().applications
