@@ -38,9 +38,14 @@ def run(args: argparse.Namespace) -> int:
     warning = export_guard_env(service.args.serve, service.http_options.get("host", "127.0.0.1"))
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    with connect(service.cfg, service.plan()), serving(service) as url:
-        print(f"Captioning at {url}/caption (docs: {url}/docs, health: {url}/healthz). Ctrl-C stops.", flush=True)
-        wait_for_interrupt()
+    try:
+        with connect(service.cfg, service.plan()), serving(service) as url:
+            print(f"Captioning at {url}/caption (docs: {url}/docs, health: {url}/healthz). Ctrl-C stops.",
+                  flush=True)
+            wait_for_interrupt()
+    except KeyboardInterrupt:  # Ctrl-C before the replicas ran: the app is deleted all the same
+        print("interrupted while the service was starting", file=sys.stderr)
+        return 130
     return 0
 
 
