@@ -94,7 +94,11 @@ def build_app(args: AppArgs) -> Application:
     options["user_config"] = {**{k: getattr(settings, k) for k in LIVE_SETTINGS}, **(options.get("user_config") or {})}
     live_settings(settings, options["user_config"])  # a bad user_config fails here, not in every replica
     options.setdefault("max_ongoing_requests", max(settings.max_ongoing_requests, 2 * settings.max_batch_size))
-    return CaptionDeployment.options(**options).bind(
+    try:
+        deployment = CaptionDeployment.options(**options)
+    except (TypeError, ValueError) as exc:  # Serve's own checks (a pydantic ValidationError is a ValueError)
+        raise ConfigError(f"deployment options: {' '.join(str(exc).split())}") from None
+    return deployment.bind(
         choice.path, settings, args.generation.model_dump(exclude_unset=True), args.precision, choice.untrained,
         args.encoder)
 

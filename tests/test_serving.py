@@ -120,7 +120,10 @@ def test_app_args_are_checked(assets):
            "generation.beams": {"generation": {"beams": 2}},
            "precision": {"precision": "fp8"},
            "cannot change on a running replica": {"deployment": {"user_config": {"decode_threads": 4}}},
-           "user_config.max_batch_size": {"deployment": {"user_config": {"max_batch_size": "many"}}}}
+           "user_config.max_batch_size": {"deployment": {"user_config": {"max_batch_size": "many"}}},
+           "deployment options: .*num_replica": {"deployment": {"num_replica": 2}},
+           "deployment options: .*max_replicas": {"deployment": {"autoscaling_config": {"min_replicas": 3,
+                                                                                     "max_replicas": 1}}}}
     for words, args in bad.items():
         with pytest.raises(ConfigError, match=words):
             build_app({"checkpoint": checkpoint, **args})
