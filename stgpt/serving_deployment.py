@@ -1,18 +1,11 @@
 """One caption replica: the model, a decode pool, the idle gate and beam search batched across requests.
 
-A request's upload is decoded in a child process (`stgpt.isolation`) under the video limits and killed at the
-request's deadline, so a crashing, hanging or oversized upload costs one answer (422, or 504 past the deadline);
-a small thread pool waits on those children and runs `to_pixel_values`, so the event loop stays free to accept
-and queue other requests. Generation goes through `@serve.batch` (up to `max_batch_size` requests, waiting at
-most `batch_wait_timeout_s`) in one model thread; requests with different generation parameters share the wait
-but are generated in separate groups. Decoded requests enter the batch queue only while the model is idle: Ray
-closes the next batch as soon as the current one starts, so without that gate requests arriving mid-generation
-would go into small early batches.
-
-Settings are a `ServeConfig`; its LIVE_SETTINGS come again through Serve's `user_config`: Serve calls
-`reconfigure` after `__init__` and whenever `serve deploy` changes the deployment's `user_config`, without
-restarting the replica. The pixels fed to the model are computed as `Captioner.caption_video` computes them
-offline, so the same video, parameters and checkpoint give the same caption.
+Each upload decodes in a child process (`stgpt.isolation`) killed at the request's deadline, waited on from a
+small thread pool so the event loop keeps accepting; a bad upload costs one answer, never the replica. Decoded
+requests enter `@serve.batch` only while the model is idle: Ray closes the next batch as soon as one starts, so
+requests arriving mid-generation would otherwise form small early batches. Pixels are computed as
+`Captioner.caption_video` computes them, so served and offline captions agree. LIVE_SETTINGS come through Serve's
+`user_config`: `reconfigure` applies them at start and on each `serve deploy` that changes them, no restart.
 
 (No `from __future__ import annotations`: FastAPI reads the route signatures of the ingress class at run time.)
 """
