@@ -7,8 +7,8 @@
 `key=value` overrides go into the app's args: `serve.*` (batching, limits, timeout; defaults in ServeConfig,
 stgpt/config.py), `generation.*` (default beam search), `encoder.*`; `cluster.*` sets the start-up stall limits.
 For a cluster, use the same file with `serve deploy configs/serve.yaml`; a changed `user_config` there
-reconfigures running replicas. Exit status 2: bad settings, or the replicas cannot fit the cluster; 1: they did
-not start within `cluster.stall_fail_s` (the message says what Ray has pending).
+reconfigures running replicas. Exit status 2: bad settings, or the replicas cannot fit the cluster; 1: they failed
+to start, or did not start within `cluster.stall_fail_s` (the message says what Ray has pending).
 """
 import argparse
 import sys
