@@ -3,8 +3,8 @@
     python benchmarks/serve_load.py                      # tiny demo checkpoint, concurrency 1, 4, 16
     python benchmarks/serve_load.py --checkpoint DIR --levels 1 8 --requests 64
 
-Starts a fresh local Ray and Serve, deploys configs/serve.yaml's app twice, differing only in
-`serve.max_batch_size` (the file's size vs 1), each on one replica (autoscaling off), and sends a bounded number of
+Starts a fresh local Ray and Serve, deploys configs/serve.yaml's app twice, differing only in the user_config's
+`max_batch_size` (the file's size vs 1), each on one replica (autoscaling off), and sends a bounded number of
 POST /caption requests at each concurrency level from an asyncio client on localhost. Each level runs in rounds
 that alternate between the two apps, so background load on a shared machine hits both alike. Reports requests per
 second, p50/p95/p99 latency, failed requests, the mean batch size and the server's own time per request (decode +
@@ -19,6 +19,7 @@ a decoder that crashes, seeded mutations of small files). Target: no failed good
 """
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -228,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0,
                         help="requests per level and deployment (default: max(16, 12 x concurrency))")
     parser.add_argument("--config", default="configs/serve.yaml", help="Serve config file of the deployment")
-    parser.add_argument("--max-batch-size", type=int, help="override the file's serve.max_batch_size")
-    parser.add_argument("--batch-wait-timeout-s", type=float, help="override the file's serve.batch_wait_timeout_s")
+    parser.add_argument("--max-batch-size", type=int, help="override the max_batch_size the file gives")
+    parser.add_argument("--batch-wait-timeout-s", type=float, help="override the batch_wait_timeout_s the file gives")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level and deployment")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
@@ -243,16 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from stgpt.model import load_checkpoint
-    from stgpt.serving import build_app, load_serve_file
+    from stgpt.serving import AppArgs, build_app, load_serve_file
+    from stgpt.serving_deployment import live_settings
     from stgpt.synthetic import make_synthetic_dataset
 
     spec = load_serve_file(args.config)
-    settings = dict(spec.app_args.get("serve") or {})
-    settings.update({k: v for k, v in (("max_batch_size", args.max_batch_size),
-                                       ("batch_wait_timeout_s", args.batch_wait_timeout_s)) if v is not None})
-    settings["request_timeout_s"] = args.timeout_s
     deployment = {k: v for k, v in (spec.app_args.get("deployment") or {}).items() if k != "autoscaling_config"}
     deployment["num_replicas"] = 1
+    # The live settings reach the replicas as user_config (over the file's own); `settings`: what they amount to.
+    live = {**(deployment.get("user_config") or {}), "request_timeout_s": args.timeout_s,
+            **{k: v for k, v in (("max_batch_size", args.max_batch_size),
+                                 ("batch_wait_timeout_s", args.batch_wait_timeout_s)) if v is not None}}
+    settings = dataclasses.asdict(live_settings(AppArgs.parse(spec.app_args).serve, live))
     choice = choose(args.checkpoint or spec.app_args.get("checkpoint"))
     checkpoint, origin = choice.path, choice.origin
     saved = load_checkpoint(checkpoint)
@@ -268,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     apps = {}
     for mode in (MODES[:1] if args.hostile else MODES):
-        batch = settings.get("max_batch_size", 8) if mode == "batched" else 1
-        app = build_app({**spec.app_args, "checkpoint": checkpoint, "serve": {**settings, "max_batch_size": batch},
-                         "deployment": deployment})
+        batch = settings["max_batch_size"] if mode == "batched" else 1
+        app = build_app({**spec.app_args, "checkpoint": checkpoint,
+                         "deployment": {**deployment, "user_config": {**live, "max_batch_size": batch}}})
         serve.run(app, name=f"bench-{mode}", route_prefix=f"/{mode}")
         apps[mode] = f"http://127.0.0.1:{args.port}/{mode}/caption"
 

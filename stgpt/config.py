@@ -183,15 +183,19 @@ class CaptionConfig:
 
 @dataclass
 class ServeConfig:
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.05
-    max_upload_mb: int = 50
-    max_video_seconds: float = 120.0
-    request_timeout_s: float = 60.0
-    max_beams: int = 16
+    """A caption replica (stgpt/serving_deployment.py); the serving defaults live here only. Batching, request
+    bounds and the timeout may change on running replicas through Serve's `user_config` (LIVE_SETTINGS there)."""
+
+    max_batch_size: int = 8  # requests per batched beam search (@serve.batch)
+    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
+    request_timeout_s: float = 60.0  # slower requests: 504
+    max_video_seconds: float = 120.0  # longer uploads: 422
+    max_beams: int = 16  # bounds on what a request may ask for
     max_new_tokens_limit: int = 128
+    max_upload_mb: int = 50  # larger bodies: 413 (the proxy's guard reads it too, at start)
     decode_threads: int = 2  # per replica: decodes at once, each in its own child process (stgpt/isolation.py)
     auth_token: Optional[str] = None  # bearer token for /caption; None: $STGPT_SERVE_TOKEN if set, else open
+    max_ongoing_requests: int = 32  # Serve's per-replica cap unless the deployment options set it; >= 2 batches
 
 
 @dataclass

@@ -33,7 +33,7 @@ def job_parser(doc: Optional[str], config: Optional[str] = str(DEFAULT_CONFIG)) 
     """The parser every job starts from: its docstring as help, `--config` and `key=value` overrides."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=config, help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=2")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (section.key=value)")
     return parser
 
 

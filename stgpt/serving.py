@@ -1,420 +1,117 @@
-"""Caption videos over HTTP with Ray Serve: one deployment that batches beam search across requests.
+"""The caption service as a Ray Serve application: its typed arguments, the builder, and starting it from a job.
 
-    POST /caption   the video as a multipart upload (field `video`) or as the raw body; optional query (or form)
-                    parameters num_beams, min_new_tokens, max_new_tokens. Answers
-                    {"caption", "frame_indices", "num_source_frames", "model", "generation", "batch_size",
-                     "time_s", "timings"}.
+    POST /caption   the video (multipart field `video`, or the raw body); optional num_beams, min_new_tokens,
+                    max_new_tokens. Answers {"caption", "frame_indices", "num_source_frames", "model",
+                    "generation", "batch_size", "time_s", "timings"}; every refusal {"error", "detail"}.
     GET  /healthz   {"status": "ok", "model", "device", "replica", "pid"} (open: no token needed)
-    GET  /docs      OpenAPI docs (FastAPI's)
+    GET  /docs      OpenAPI docs
 
-How a request flows through a replica. With a token configured (`serve.auth_token` or `$STGPT_SERVE_TOKEN`),
-`/caption` answers 401 unless the request carries `Authorization: Bearer <token>`, before reading any of the
-body (`stgpt/serving_guard.py` does the same, and the size check, inside Ray's proxy). The body is read with a
-size cap (413 beyond it). Decoding runs in a child process per upload (`stgpt.isolation`), under the video
-limits and killed at the request's deadline, so a crashing, hanging or oversized upload answers 422 (504 past
-the deadline) and the replica serves the next request; a small thread pool waits on those children and runs
-`to_pixel_values`, so the event loop stays free to accept, decode and queue other requests. Generation goes through `@serve.batch`, which collects up to
-`max_batch_size` requests (waiting at most `batch_wait_timeout_s`) and runs one batched beam search in a single
-model thread; requests with different generation parameters share the wait but are generated in separate groups.
-Decoded requests enter the batch queue only while the model is idle: Ray closes the next batch as soon as the
-current one starts, so without that gate requests arriving mid-generation go into small early batches.
-Every request runs under `request_timeout_s` and answers 504 JSON past it. Every failure is a JSON
-`{"error": code, "detail": message}`; a bad request never takes the replica down.
+`build_app(AppArgs)` is the Serve `import_path` entry (`stgpt.serving:build_app`, configs/serve.yaml); Serve
+validates a config file's `args` into `AppArgs`, so a misspelt key fails the deploy, naming it. The HTTP layer is
+stgpt/serving_http.py, the replica stgpt/serving_deployment.py, the proxy's guard stgpt/serving_guard.py.
+`Service` and `serving` are jobs/serve.py's library: the Serve file with the command line applied, the guard's
+environment, the fit check, and a start-up that reports what Ray has pending instead of waiting silently.
 
-The pixels a replica feeds the model are computed exactly as `Captioner.caption_video` computes them offline, so
-the same video, parameters and checkpoint give the same caption (tests/test_serving.py checks it).
-
-`build_app(args)` is the Serve `import_path` entry (`stgpt.serving:build_app`, see configs/serve.yaml); with no
-checkpoint it serves `outputs/train/best` if training left one there, else a tiny random-init demo checkpoint it
-builds once under `outputs/demo/untrained` (stgpt/checkpoints.py).
-
-(No `from __future__ import annotations` here: FastAPI reads the route signatures of the ingress class at run
-time. Helpers the deployment calls are defined above it, because Serve pickles the class where it is decorated.)
+(No `from __future__ import annotations`: Serve reads `build_app`'s annotation to validate its args.)
 """
-
-import asyncio
-import dataclasses
-import json
 import logging
 import os
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
-import torch
 import yaml
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from stgpt.checkpoints import choose, ensure_demo_checkpoint
-from stgpt.config import EncoderConfig, ServeConfig, load_config
-from stgpt.isolation import sample_video_isolated
-from stgpt.serving_guard import authorized, token_from_env
-from stgpt.video import VideoDecodeError, VideoLimitError
+from stgpt.checkpoints import Choice, choose
+from stgpt.config import Config, ConfigError, EncoderConfig, GenerationConfig, ServeConfig, load_config
+from stgpt.device import PRECISIONS
+from stgpt.resources import Plan, Watchdog, ensure_fits, serving_plan
+from stgpt.serving_deployment import LIVE_SETTINGS, CaptionDeployment, live_settings
+from stgpt.serving_guard import MAX_UPLOAD_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV, TOKEN_ENV
 
 logger = logging.getLogger("ray.serve")
 
-GENERATION_PARAMS = ("num_beams", "min_new_tokens", "max_new_tokens")  # what a request may set
-APP_ARGS = ("checkpoint", "serve", "generation", "deployment", "precision", "encoder")
-DEFAULT_MAX_ONGOING_REQUESTS = 32
-UPLOAD_FIELDS = ("video", "file")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+OVERRIDE_SECTIONS = ("serve", "generation", "encoder", "cluster")  # what jobs/serve.py's key=value may set
+
+# Generation defaults for requests that set none: only the keys given (the rest come from the checkpoint's own
+# generation config), each typed as in GenerationConfig.
+GenerationArgs = create_model(
+    "GenerationArgs", __config__=ConfigDict(extra="forbid"),
+    **{name: (Optional[hint], None) for name, hint in typing.get_type_hints(GenerationConfig).items()})
 
 
-# --------------------------------------------------------------------------------------------------------
-# Requests and answers.
+class AppArgs(BaseModel):
+    """The application's arguments (a Serve config file's `args`), all optional."""
 
+    model_config = ConfigDict(extra="forbid")
 
-class RequestError(Exception):
-    """A request the deployment refuses: HTTP status, a stable error code and a message for people."""
+    checkpoint: Optional[str] = None  # directory or hub id; None: training's best, else the demo checkpoint
+    serve: ServeConfig = Field(default_factory=ServeConfig)  # batching, limits, timeout (ServeConfig's defaults)
+    generation: GenerationArgs = Field(default_factory=GenerationArgs)
+    # Serve deployment options applied in code (num_replicas, autoscaling_config, ray_actor_options,
+    # user_config, ...); a Serve config file's `deployments:` section does the same and wins over these.
+    deployment: dict[str, Any] = Field(default_factory=dict)
+    precision: Literal[PRECISIONS] = "auto"
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # how the TimeSformer runs (stgpt/encoder.py)
 
-    def __init__(self, status: int, error: str, detail: str):
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-
-
-def error_response(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
-class CaptionResponse(BaseModel):
-    caption: str
-    frame_indices: list[int]
-    num_source_frames: int
-    model: str
-    generation: dict[str, int]
-    batch_size: int  # requests generated together with this one
-    time_s: float
-    timings: dict[str, float]
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    detail: str
-
-
-@dataclass
-class _Job:
-    """One request's model input, on its way through the batch queue."""
-
-    pixel_values: torch.Tensor  # (T, 3, H, W)
-    generation: tuple[tuple[str, int], ...]  # sorted items, so equal settings group together
-
-
-_UPLOAD_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["video"],
-                    "properties": {"video": {"type": "string", "format": "binary"},
-                                   **{name: {"type": "integer"} for name in GENERATION_PARAMS}},
-                }
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-_ERRORS_DOC = {code: {"model": ErrorResponse, "description": text} for code, text in [
-    (400, "empty body, no file, or a malformed multipart body"), (401, "no or wrong bearer token"),
-    (413, "upload over max_upload_mb"),
-    (422, "not a decodable video, too long, or a generation parameter out of bounds"),
-    (504, "took longer than request_timeout_s")]}
-
-app = FastAPI(
-    title="stgpt captioning",
-    description="SpaceTimeGPT video captioning: upload a video, get a caption. Beam search is batched across "
-                "requests on each replica.",
-    version="1",
-)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'request'}: {err['msg']}"
-                         for err in exc.errors())
-    return error_response(422, "invalid_parameter", problems)
-
-
-async def _read_multipart(request: Request, body: bytes) -> tuple[bytes, dict[str, str]]:
-    """The one uploaded file of a multipart body, and its text fields. Text is never taken for a path."""
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=len(GENERATION_PARAMS) + 1)
-    except Exception as exc:  # starlette raises HTTPException / MultiPartException for malformed bodies
-        raise RequestError(400, "malformed_multipart", f"cannot parse the multipart body: "
-                                                       f"{getattr(exc, 'detail', None) or exc}") from None
-    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-    uploads = {key: value for key, value in form.multi_items() if not isinstance(value, str)}
-    unknown = sorted((set(fields) - set(GENERATION_PARAMS) - set(UPLOAD_FIELDS))
-                     | (set(uploads) - set(UPLOAD_FIELDS)))
-    if unknown:
-        raise RequestError(422, "invalid_parameter", f"unknown form field(s) {', '.join(unknown)}; "
-                                                     f"known: video (the file), {', '.join(GENERATION_PARAMS)}")
-    if not uploads:
-        named = [key for key in UPLOAD_FIELDS if key in fields]
-        reason = (f"the '{named[0]}' field is text, not a file: upload the video's bytes (the server never "
-                  f"opens paths named in a request)" if named else "no file in the multipart body (field 'video')")
-        raise RequestError(400, "missing_video", reason)
-    upload = next(iter(uploads.values()))
-    data = await upload.read()
-    await form.close()
-    if not data:
-        raise RequestError(400, "empty_body", f"the uploaded file {upload.filename!r} is empty (0 bytes)")
-    return data, {key: value for key, value in fields.items() if key in GENERATION_PARAMS}
-
-
-# --------------------------------------------------------------------------------------------------------
-# The deployment.
-
-
-@serve.deployment(max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
-@serve.ingress(app)
-class CaptionDeployment:
-    """A replica: one model, a decode thread pool, a batch queue for generation."""
-
-    def __init__(self, checkpoint: str, settings: ServeConfig, generation: Optional[dict[str, Any]] = None,
-                 precision: str = "auto", untrained: bool = False, encoder: Optional[EncoderConfig] = None):
-        import ray
-
-        from stgpt.inference import Captioner
-
-        if untrained:  # the demo checkpoint: built on the node that chose it; the same is built here if missing
-            ensure_demo_checkpoint(checkpoint)
-        use_gpu = bool(ray.get_gpu_ids())  # only a GPU Ray gave this replica
-        self.captioner = Captioner.from_pretrained(checkpoint, use_gpu=use_gpu, precision=precision, encoder=encoder)
-        self.settings = settings
-        self.token = settings.auth_token or token_from_env()
-        self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
-        # what one upload may cost to decode: the model's video settings, with this deployment's duration limit
-        self.video_limits = dataclasses.replace(
-            self.captioner.video, max_seconds=min(self.captioner.video.max_seconds, settings.max_video_seconds))
-        # Per-request defaults start from the checkpoint's own generation config, as offline generation does.
-        saved = self.captioner.model.generation_config
-        generation = dict(generation or {})
-        self.defaults = {name: int(generation.pop(name, getattr(saved, name))) for name in GENERATION_PARAMS}
-        self.fixed_generation = generation  # e.g. length_penalty: the deployment's, not the request's
-        self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        # Ray's batch loop closes the next batch as soon as the current one is launched, not when it finishes, so
-        # requests that arrive while the model is busy would go into small batches closed within
-        # batch_wait_timeout_s. They wait here instead, and enter the batch queue together once the model is free.
-        self._model_idle = asyncio.Event()
-        self._model_idle.set()
-        self._generate.set_max_batch_size(settings.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        logger.info("serving %s on %s (%s): batches of up to %d, waiting up to %.3fs, defaults %s, torch threads %d",
-                    self.captioner.name, self.captioner.device, self.captioner.precision, settings.max_batch_size,
-                    settings.batch_wait_timeout_s, self.defaults, torch.get_num_threads())
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        import ray
-
-        return {"status": "ok", "model": self.captioner.name, "device": str(self.captioner.device),
-                "replica": ray.get_runtime_context().get_actor_id() or "", "pid": str(os.getpid())}
-
-    @app.post("/caption", response_model=CaptionResponse, responses=_ERRORS_DOC, openapi_extra=_UPLOAD_DOC)
-    async def caption(
-        self,
-        request: Request,
-        num_beams: Optional[int] = Query(None, description="beam width (1 to the deployment's max_beams)"),
-        min_new_tokens: Optional[int] = Query(None, description="at least this many generated tokens"),
-        max_new_tokens: Optional[int] = Query(None, description="at most this many (up to max_new_tokens_limit)"),
-    ):
-        """Caption one uploaded video: multipart field `video`, or the raw body."""
-        start = time.perf_counter()
-        query = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
-        if not authorized(request.headers.get("authorization"), self.token):  # before any of the body is read
-            response = error_response(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <token>'")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        try:
-            unknown = sorted(set(request.query_params) - set(GENERATION_PARAMS))
-            if unknown:
-                raise RequestError(422, "invalid_parameter", f"unknown parameter(s) {', '.join(unknown)}; "
-                                                             f"known: {', '.join(GENERATION_PARAMS)}")
-            return await asyncio.wait_for(self._caption(request, query, start), self.settings.request_timeout_s)
-        except RequestError as exc:
-            return error_response(exc.status, exc.error, exc.detail)
-        except asyncio.TimeoutError:
-            return error_response(504, "timeout", f"no caption within the deployment's request_timeout_s "
-                                                  f"({self.settings.request_timeout_s:g}s); try again later or "
-                                                  f"with fewer beams or tokens")
-        except Exception:  # a bug, not the request's fault: say so, keep serving
-            logger.exception("caption request failed")
-            return error_response(500, "internal_error", "the server failed to caption this video; see its log")
-
-    async def _caption(self, request: Request, query: dict[str, Optional[int]], start: float) -> dict[str, Any]:
-        data, form_params = await self._read_video_bytes(request)
-        generation = self._generation(query, form_params)
-        loop = asyncio.get_running_loop()
-        deadline = start + self.settings.request_timeout_s
-        pixel_values, indices, num_source = await loop.run_in_executor(self._decode_pool, self._prepare, data,
-                                                                       deadline)
-        decoded = time.perf_counter()
-        await self._model_idle.wait()
-        result = await self._generate(_Job(pixel_values, tuple(sorted(generation.items()))))
-        if isinstance(result, Exception):
-            raise result
-        text, batch_size = result
-        done = time.perf_counter()
-        return {"caption": text, "frame_indices": indices, "num_source_frames": num_source,
-                "model": self.captioner.name, "generation": generation, "batch_size": batch_size,
-                "time_s": round(done - start, 4),
-                "timings": {"decode_s": round(decoded - start, 4), "generate_s": round(done - decoded, 4)}}
-
-    async def _read_video_bytes(self, request: Request) -> tuple[bytes, dict[str, str]]:
-        """The uploaded bytes (raw body or multipart file) and any generation parameters sent as form fields."""
-        limit = self.max_upload_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, "upload_too_large", f"the request body is {int(declared)} bytes; this "
-                                                        f"deployment accepts at most {self.settings.max_upload_mb} MB")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, "upload_too_large", f"the request body is over this deployment's "
-                                                            f"{self.settings.max_upload_mb} MB limit")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body:
-            raise RequestError(400, "empty_body", "the request has no body: send the video as a multipart upload "
-                                                  "(field 'video') or as the raw request body")
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return body, {}
-        return await _read_multipart(request, body)
-
-    def _generation(self, query: dict[str, Optional[int]], form: dict[str, str]) -> dict[str, int]:
-        """The request's beam-search settings, defaults filled in, each checked against the deployment's bounds."""
-        values = dict(self.defaults)
-        for name in GENERATION_PARAMS:
-            if name in form and query[name] is not None:
-                raise RequestError(422, "invalid_parameter", f"{name} given both in the query and the form")
-            if name in form:
-                try:
-                    values[name] = int(form[name])
-                except ValueError:
-                    raise RequestError(422, "invalid_parameter",
-                                       f"{name} must be an integer, got {form[name][:40]!r}") from None
-            elif query[name] is not None:
-                values[name] = query[name]
-        limits = self.settings
-        if not 1 <= values["num_beams"] <= limits.max_beams:
-            raise RequestError(422, "invalid_parameter",
-                               f"num_beams must be between 1 and {limits.max_beams}, got {values['num_beams']}")
-        if not 1 <= values["max_new_tokens"] <= limits.max_new_tokens_limit:
-            raise RequestError(422, "invalid_parameter", f"max_new_tokens must be between 1 and "
-                                                         f"{limits.max_new_tokens_limit}, got {values['max_new_tokens']}")
-        if not 0 <= values["min_new_tokens"] <= values["max_new_tokens"]:
-            raise RequestError(422, "invalid_parameter", f"min_new_tokens must be between 0 and max_new_tokens "
-                                                         f"({values['max_new_tokens']}), got {values['min_new_tokens']}")
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, values: Any) -> Any:
+        unknown = sorted(set(values) - set(cls.model_fields)) if isinstance(values, dict) else []
+        if unknown:
+            raise ValueError(f"unknown app arg(s) {', '.join(unknown)}; known: {', '.join(cls.model_fields)}")
         return values
 
-    def _prepare(self, data: bytes, deadline: float) -> tuple[torch.Tensor, list[int], int]:
-        """Decode (in a child process that may crash, killed at the request's deadline) and preprocess, as
-        `Captioner.caption_video` does. Runs in the decode pool."""
-        from stgpt.transforms import to_pixel_values
-
-        remaining = deadline - time.perf_counter()
+    @classmethod
+    def parse(cls, values: Any) -> "AppArgs":
+        """Validated args; a ConfigError naming each bad key (Serve reports pydantic's own error instead)."""
         try:
-            sampled = sample_video_isolated(data, self.video_limits, name="upload", timeout_s=remaining)
-        except VideoLimitError as exc:
-            code = "video_too_long" if exc.limit in ("max_seconds", "max_frames") else "video_over_limit"
-            raise RequestError(422, code, f"cannot caption the upload: {exc.reason}") from None
-        except VideoDecodeError as exc:
-            if remaining < self.video_limits.decode_timeout_s and time.perf_counter() >= deadline:
-                raise RequestError(504, "timeout", f"decoding did not finish within the deployment's "
-                                                   f"request_timeout_s ({self.settings.request_timeout_s:g}s); "
-                                                   f"it was stopped") from None
-            raise RequestError(422, "invalid_video", f"cannot decode the upload: {exc.reason}") from None
-        pixel_values = to_pixel_values(sampled.frames[None], self.captioner.video)[0]
-        return pixel_values, sampled.indices.tolist(), sampled.num_source_frames
+            return cls.model_validate(values or {})
+        except ValidationError as exc:
+            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}"
+                                        for e in exc.errors())) from None
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from the config in __init__
-    async def _generate(self, jobs: list[_Job]) -> list[tuple[str, int] | Exception]:
-        """Beam search for a batch of requests: one `generate` per distinct setting, in the model thread."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for position, job in enumerate(jobs):
-            groups[job.generation].append(position)
-        results: list[Any] = [None] * len(jobs)
-        loop = asyncio.get_running_loop()
-        self._model_idle.clear()
-        try:
-            for generation, positions in groups.items():
-                pixel_values = torch.stack([jobs[p].pixel_values for p in positions])
-                try:
-                    texts = await loop.run_in_executor(self._model_thread, self._run_model, pixel_values,
-                                                       {**self.fixed_generation, **dict(generation)})
-                except Exception as exc:  # fail this group's requests only
-                    logger.exception("generation failed for a batch of %d", len(positions))
-                    texts = [exc] * len(positions)
-                for position, text in zip(positions, texts):
-                    results[position] = text if isinstance(text, Exception) else (text, len(jobs))
-        finally:
-            self._model_idle.set()
-        return results
 
-    def _run_model(self, pixel_values: torch.Tensor, generation: dict[str, Any]) -> list[str]:
-        from stgpt.device import autocast
-        from stgpt.model import generate_captions
+def build_app(args: AppArgs) -> Application:
+    """The Serve application (`import_path: stgpt.serving:build_app`); `args` may also be a plain dict.
 
-        captioner = self.captioner
-        with autocast(captioner.device, captioner.precision):
-            return generate_captions(captioner.caption_model, pixel_values.to(captioner.device), **generation)
+    The live settings (LIVE_SETTINGS of `args.serve`) go to the replicas as Serve's `user_config`, under any
+    `user_config` the deployment options give, so a `serve deploy` that changes them reconfigures running replicas.
+    """
+    args = args if isinstance(args, AppArgs) else AppArgs.parse(args)
+    choice = choose(args.checkpoint)
+    logger.info("stgpt serving checkpoint %s [%s]", choice.path, choice.origin)
+    settings = args.serve
+    options = dict(args.deployment)
+    options["user_config"] = {**{k: getattr(settings, k) for k in LIVE_SETTINGS}, **(options.get("user_config") or {})}
+    live_settings(settings, options["user_config"])  # a bad user_config fails here, not in every replica
+    options.setdefault("max_ongoing_requests", max(settings.max_ongoing_requests, 2 * settings.max_batch_size))
+    try:
+        deployment = CaptionDeployment.options(**options)
+    except (TypeError, ValueError) as exc:  # Serve's own checks (a pydantic ValidationError is a ValueError)
+        raise ConfigError(f"deployment options: {' '.join(str(exc).split())}") from None
+    return deployment.bind(
+        choice.path, settings, args.generation.model_dump(exclude_unset=True), args.precision, choice.untrained,
+        args.encoder)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Building the application: from a Serve config file's `args`, or from jobs/serve.py.
-
-
-def build_app(args: Optional[dict[str, Any]] = None) -> Application:
-    """The Serve application (`import_path: stgpt.serving:build_app`).
-
-    `args` keys, all optional:
-      checkpoint: directory or hub id; empty: outputs/train/best if present, else the tiny demo checkpoint;
-      serve: ServeConfig fields (batching, limits, timeout);
-      generation: default beam-search settings (else the checkpoint's generation config);
-      deployment: Serve deployment options applied in code (`num_replicas`, `autoscaling_config`,
-                  `ray_actor_options`, `max_ongoing_requests`, ...). A Serve config file's `deployments:`
-                  section does the same and wins over these;
-      precision: auto | fp32 | bf16 | fp16;
-      encoder: EncoderConfig fields (attention, channels_last, compile; stgpt/encoder.py).
-    """
-    args = dict(args or {})
-    unknown = sorted(set(args) - set(APP_ARGS))
-    if unknown:
-        raise ValueError(f"unknown app arg(s) {', '.join(unknown)}; known: {', '.join(APP_ARGS)}")
-    overrides = [f"serve.{key}={json.dumps(value)}" for key, value in (args.get("serve") or {}).items()]
-    overrides += [f"generation.{key}={json.dumps(value)}" for key, value in (args.get("generation") or {}).items()]
-    overrides += [f"encoder.{key}={json.dumps(value)}" for key, value in (args.get("encoder") or {}).items()]
-    cfg = load_config(None, overrides)  # type-checks every key
-    generation = {key: getattr(cfg.generation, key) for key in (args.get("generation") or {})}
-    choice = choose(args.get("checkpoint"))
-    logger.info("stgpt serving checkpoint %s [%s]", choice.path, choice.origin)
-    options = dict(args.get("deployment") or {})
-    options.setdefault("max_ongoing_requests", max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * cfg.serve.max_batch_size))
-    deployment = CaptionDeployment.options(**options)
-    return deployment.bind(choice.path, cfg.serve, generation, args.get("precision", "auto"), choice.untrained,
-                           cfg.encoder)
+# A Serve config file, and the service jobs/serve.py runs from it.
 
 
 @dataclass
 class ServeFile:
-    """What jobs/serve.py needs from a Serve config file: one application and the HTTP options."""
+    """One application of a Serve config file and the file's HTTP options."""
 
-    app_args: dict[str, Any]  # build_app args, the file's `deployments:` options folded into `deployment`
+    app_args: dict[str, Any]  # build_app args, the file's `deployments:` options folded into (and over) `deployment`
     name: str
     route_prefix: str
     http_options: dict[str, Any] = field(default_factory=dict)
@@ -423,21 +120,137 @@ class ServeFile:
 
 def load_serve_file(path: str | os.PathLike, app_name: Optional[str] = None) -> ServeFile:
     """Read a Serve config file (validated with Serve's own schema) for running its stgpt app with `serve.run`."""
-    from ray.serve.schema import ServeDeploySchema
-
     raw = yaml.safe_load(Path(path).read_text()) or {}
     schema = ServeDeploySchema.model_validate(raw)
     apps = [a for a in raw.get("applications", []) if app_name in (None, a.get("name"))]
     if len(apps) != 1:
-        raise ValueError(f"{path}: expected one application{f' named {app_name!r}' if app_name else ''}, "
-                         f"found {len(apps)}")
+        raise ConfigError(f"{path}: expected one application{f' named {app_name!r}' if app_name else ''}, "
+                          f"found {len(apps)}")
     spec = apps[0]
     args = dict(spec.get("args") or {})
-    deployments = spec.get("deployments") or []
-    mine = [d for d in deployments if d.get("name") == CaptionDeployment.name]
-    if mine:
-        args["deployment"] = {**{k: v for k, v in mine[0].items() if k != "name"}, **(args.get("deployment") or {})}
+    mine = [d for d in spec.get("deployments") or [] if d.get("name") == CaptionDeployment.name]
+    if mine:  # as `serve deploy` applies them: the file's deployment options over the args' own
+        args["deployment"] = {**(args.get("deployment") or {}), **{k: v for k, v in mine[0].items() if k != "name"}}
     http = schema.http_options.model_dump(exclude_unset=True) if "http_options" in raw else {}
     return ServeFile(app_args=args, name=spec.get("name", "default"), route_prefix=spec.get("route_prefix", "/"),
                      http_options=http, proxy_location=raw.get("proxy_location"))
 
+
+class ServiceError(RuntimeError):
+    """The service did not come up: a replica failed to start, or none started within cluster.stall_fail_s."""
+
+
+@dataclass
+class Service:
+    """A Serve file's app with a job's changes: validated args, the chosen checkpoint, HTTP and cluster settings."""
+
+    file: ServeFile
+    args: AppArgs
+    choice: Choice
+    http_options: dict[str, Any]
+    cfg: Config  # its cluster section: where to connect, stall limits
+
+    @property
+    def replicas(self) -> int:
+        """Replicas that must run before the service answers: the fixed count, else autoscaling's minimum."""
+        options = self.args.deployment
+        return options.get("num_replicas") or (options.get("autoscaling_config") or {}).get("min_replicas", 1)
+
+    def plan(self) -> Plan:
+        return serving_plan(self.replicas, self.args.deployment.get("ray_actor_options") or {})
+
+    @property
+    def url(self) -> str:
+        host = self.http_options.get("host", "127.0.0.1")
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{self.http_options.get('port', 8000)}{self.file.route_prefix.rstrip('/')}"
+
+
+def load_service(path: str | os.PathLike, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+                 host: Optional[str] = None, port: Optional[int] = None,
+                 num_replicas: Optional[int] = None) -> Service:
+    """The app of the Serve file at `path` with a command line applied: `serve.*`, `generation.*` and `encoder.*`
+    overrides into its args, `cluster.*` into the job's cluster settings, and a fixed replica count in place of
+    autoscaling. ConfigError for a bad key or value."""
+    file = load_serve_file(path)
+    args = dict(file.app_args)
+    cluster = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in OVERRIDE_SECTIONS or not name:
+            raise ConfigError(f"override {item!r} must look like SECTION.KEY=VALUE, SECTION one of "
+                              f"{', '.join(OVERRIDE_SECTIONS)}")
+        if section == "cluster":
+            cluster.append(item)
+        else:
+            args[section] = {**(args.get(section) or {}), name: yaml.safe_load(value)}
+    if checkpoint:
+        args["checkpoint"] = checkpoint
+    if num_replicas:
+        deployment = {k: v for k, v in (args.get("deployment") or {}).items() if k != "autoscaling_config"}
+        args["deployment"] = {**deployment, "num_replicas": num_replicas}
+    parsed = AppArgs.parse(args)
+    choice = choose(parsed.checkpoint)
+    parsed = parsed.model_copy(update={"checkpoint": choice.path})
+    http = {**file.http_options, **{k: v for k, v in (("host", host), ("port", port)) if v}}
+    return Service(file, parsed, choice, http, load_config(None, cluster))
+
+
+def export_guard_env(settings: ServeConfig, host: str) -> Optional[str]:
+    """Set what Ray's proxy loads the guard from (stgpt/serving_guard.py): a local Ray started after this inherits
+    it; a cluster's nodes must have it set (the cluster manifests do). A warning if the port is open to all."""
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    os.environ[MAX_UPLOAD_ENV] = str(settings.max_upload_mb)
+    if settings.auth_token:
+        os.environ[TOKEN_ENV] = settings.auth_token
+    if host not in LOCAL_HOSTS and not os.environ.get(TOKEN_ENV):
+        return (f"WARNING: listening on {host} with no token: anyone who can reach this port may caption "
+                f"(set {TOKEN_ENV} or serve.auth_token)")
+    return None
+
+
+@contextmanager
+def serving(service: Service, log: Callable[[str], None] = print) -> Iterator[str]:
+    """Run the service on the connected cluster, yielding its base URL once its replicas run; the application is
+    deleted at the end (only it: a joined cluster may serve others). ResourceError if the replicas cannot fit,
+    ServiceError if they do not start."""
+    ensure_fits(service.plan(), service.cfg.cluster, log)
+    serve.start(http_options=service.http_options, proxy_location=service.file.proxy_location)
+    name, running = service.file.name, False
+    try:
+        serve.run_many([serve.RunTarget(build_app(service.args), name=name, route_prefix=service.file.route_prefix)],
+                       wait_for_applications_running=False)  # waited for below, saying why it takes long
+        wait_until_running(name, service.cfg, log)
+        running = True
+        yield service.url
+    finally:  # replicas that never started have no requests to finish: no grace period for them
+        serve.delete(name, _blocking=running)
+
+
+def wait_until_running(app_name: str, cfg: Config, log: Callable[[str], None] = print, poll_s: float = 0.5) -> None:
+    """Wait for an application's replicas. While none starts for `cluster.stall_warn_s`, log what Ray has
+    pending (replicas it cannot place, say); past `cluster.stall_fail_s` raise ServiceError with that report."""
+    def progress() -> Any:
+        app = serve.status().applications.get(app_name)
+        return app and (app.status, [(d.status, d.replica_states) for d in app.deployments.values()])
+
+    with Watchdog.from_config("replica start", cfg.cluster, probe=progress, log=log) as watchdog:
+        while True:
+            app = serve.status().applications.get(app_name)
+            if app is not None and app.status == ApplicationStatus.RUNNING:
+                return
+            if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+                raise ServiceError(f"application {app_name} failed to deploy: {app.message}")
+            if watchdog.failed:
+                raise ServiceError(watchdog.failed)
+            time.sleep(poll_s)
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (the service runs in Ray meanwhile)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

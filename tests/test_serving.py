@@ -13,10 +13,12 @@ import time
 import httpx
 import pytest
 
-from stgpt.config import CONFIG_DIR, ConfigError
-from stgpt.inference import Captioner
+import yaml
+
 from stgpt.checkpoints import choose, ensure_demo_checkpoint
-from stgpt.serving import build_app, load_serve_file
+from stgpt.config import CONFIG_DIR, ConfigError, ServeConfig
+from stgpt.inference import Captioner
+from stgpt.serving import AppArgs, ServiceError, build_app, load_serve_file, load_service, serving
 from stgpt.synthetic import encode_video, make_synthetic_dataset, plan_dataset, render_video, write_damaged_videos
 
 TOKEN = "test-token-0123456789"
@@ -110,21 +112,72 @@ def test_tiny_checkpoint_is_rebuilt_identically(tmp_path, assets):
 
 
 def test_app_args_are_checked(assets):
-    with pytest.raises(ValueError, match="unknown app arg"):
-        build_app({"checkpoint": str(assets["checkpoint"]), "max_batch_size": 4})
-    with pytest.raises(ConfigError, match="serve.max_batch_size"):
-        build_app({"checkpoint": str(assets["checkpoint"]), "serve": {"max_batch_size": "eight"}})
+    checkpoint = str(assets["checkpoint"])
+    with pytest.raises(ValueError, match="unknown app arg.*max_batch_size.*known: checkpoint"):
+        build_app({"checkpoint": checkpoint, "max_batch_size": 4})
+    bad = {"serve.max_batch_size": {"serve": {"max_batch_size": "eight"}},
+           "serve.max_batch": {"serve": {"max_batch": 8}},
+           "generation.beams": {"generation": {"beams": 2}},
+           "precision": {"precision": "fp8"},
+           "cannot change on a running replica": {"deployment": {"user_config": {"decode_threads": 4}}},
+           "user_config.max_batch_size": {"deployment": {"user_config": {"max_batch_size": "many"}}},
+           "deployment options: .*num_replica": {"deployment": {"num_replica": 2}},
+           "deployment options: .*max_replicas": {"deployment": {"autoscaling_config": {"min_replicas": 3,
+                                                                                     "max_replicas": 1}}}}
+    for words, args in bad.items():
+        with pytest.raises(ConfigError, match=words):
+            build_app({"checkpoint": checkpoint, **args})
+    # Serve validates a config file's args into the builder's annotated type before calling it
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    with pytest.raises(ValueError, match="serve.max_batch_size"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"serve": {"max_batch_size": "eight"}})
 
 
-def test_serve_config_file_carries_batching_autoscaling_and_resources():
+def test_settings_reach_the_replica_through_user_config(assets):
+    """Live settings go to Serve as user_config (defaults from ServeConfig, then args.serve, then the options' own
+    user_config); generation defaults only for the keys given."""
+    app = build_app({"checkpoint": str(assets["checkpoint"]), "serve": {"max_batch_size": 20, "max_beams": 4},
+                     "generation": {"num_beams": 2},
+                     "deployment": {"user_config": {"max_beams": 3}}})
+    deployment = app._bound_deployment  # the Deployment of Serve's Application (which has no public getter)
+    user_config = deployment.user_config
+    assert user_config["max_batch_size"] == 20 and user_config["max_beams"] == 3
+    assert user_config["batch_wait_timeout_s"] == ServeConfig.batch_wait_timeout_s
+    assert deployment.max_ongoing_requests == 40  # room for the next batch beside one
+    assert deployment.init_args[2] == {"num_beams": 2}
+
+
+def test_serve_config_file_sets_only_what_it_changes():
     spec = load_serve_file(CONFIG_DIR / "serve.yaml")
-    assert spec.app_args["serve"]["max_batch_size"] >= 2
-    deployment = spec.app_args["deployment"]
+    args = AppArgs.parse(spec.app_args)
+    defaults = ServeConfig()
+    for key, value in (spec.app_args.get("serve") or {}).items():  # no default restated
+        assert value != getattr(defaults, key), f"configs/serve.yaml restates serve.{key}'s default"
+    deployment = args.deployment
     scaling = deployment["autoscaling_config"]
     assert scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
     assert "num_cpus" in deployment["ray_actor_options"] and "num_gpus" in deployment["ray_actor_options"]
-    assert deployment["max_ongoing_requests"] >= spec.app_args["serve"]["max_batch_size"]
-    assert spec.http_options["request_timeout_s"] > spec.app_args["serve"]["request_timeout_s"]
+    assert "user_config" in deployment  # where `serve deploy` changes batching on running replicas
+    assert spec.http_options["request_timeout_s"] > args.serve.request_timeout_s  # the proxy's is the backstop
+
+
+def test_serve_job_refuses_bad_settings_before_starting_anything(assets, capsys):
+    """jobs/serve.py exits 2, naming the key, for a bad override or app arg (before it connects to Ray)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    checkpoint = ["--checkpoint", str(assets["checkpoint"])]
+    for argv, words in [(["serve.max_batch_size=eight"], "serve.max_batch_size"),
+                        (["serve.batch_size=4"], "serve.batch_size"),
+                        (["video.num_frames=4"], "SECTION.KEY=VALUE"),
+                        (["cluster.stall_warn=1"], "cluster.stall_warn")]:
+        assert job.main(checkpoint + argv) == 2
+        assert words in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -382,3 +435,84 @@ def test_client_and_cli_against_the_server(server, assets, offline, capsys):
     assert json.loads(capsys.readouterr().out)["frame_indices"] == expected.frame_indices
     assert main(["caption", str(assets["long"]), "--url", server["main"]]) == 1
     assert "video_too_long" in capsys.readouterr().err
+
+
+def _batch_sizes(url: str, video: bytes, count: int = 8) -> list[int]:
+    """Send `count` requests at once; the batch size each answer reports."""
+    async def send_all():
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(f"{url}/caption", params=CHEAP, content=video)
+                                          for _ in range(count)))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * count, [r.text for r in responses]
+    return [r.json()["batch_size"] for r in responses]
+
+
+def test_a_changed_user_config_reconfigures_the_running_replica(server, client, assets):
+    """The app deployed from a config (as `serve deploy` does), then again with only user_config changed: the
+    same replica process takes the new bounds and batch size, without a restart."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    url = server["main"].rsplit("/", 1)[0] + "/live"
+    video = assets["videos"][0].read_bytes()
+
+    def deploy(user_config: dict) -> None:
+        config = {"applications": [{
+            "name": "stgpt-live", "route_prefix": "/live", "import_path": "stgpt.serving:build_app",
+            "args": {"checkpoint": str(assets["checkpoint"]), "serve": MAIN_SETTINGS},
+            "deployments": [{"name": "CaptionDeployment", "num_replicas": 1, "user_config": user_config,
+                             "ray_actor_options": {"num_cpus": 0.5}, "graceful_shutdown_timeout_s": 5}]}]}
+        # `serve deploy` PUTs the file to the dashboard, which hands it to this same call (serve_head.py)
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+    def seven_beams() -> int:
+        return client.post(f"{url}/caption", params={**CHEAP, "num_beams": 7}, content=video).status_code
+
+    try:
+        deploy({"max_batch_size": 1, "max_beams": 8})
+        before = client.get(f"{url}/healthz").json()
+        assert seven_beams() == 200
+        assert set(_batch_sizes(url, video)) == {1}
+
+        deploy({"max_batch_size": 4, "batch_wait_timeout_s": 0.5, "max_beams": 6})
+        deadline = time.monotonic() + 60
+        while seven_beams() == 200 and time.monotonic() < deadline:  # the update reaches the replica
+            time.sleep(0.5)
+        refused = client.post(f"{url}/caption", params={**CHEAP, "num_beams": 7}, content=video)
+        assert refused.status_code == 422 and "between 1 and 6" in refused.json()["detail"]
+        sizes = _batch_sizes(url, video)
+        assert max(sizes) > 1 and max(sizes) <= 4, sizes
+        after = client.get(f"{url}/healthz").json()
+        assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
+    finally:
+        serve.delete("stgpt-live")
+
+
+def test_replicas_that_cannot_be_placed_are_reported_then_fail(server, assets, tmp_path):
+    """jobs/serve.py's start-up with a replica asking for a resource no node has: past cluster.stall_warn_s it
+    says what Ray has pending, past cluster.stall_fail_s it fails (and takes its app down) instead of waiting."""
+    from ray import serve
+
+    raw = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    app = raw["applications"][0]
+    app.update(name="stgpt-stalled", route_prefix="/stalled")
+    app["deployments"][0].update(ray_actor_options={"num_cpus": 0.5, "resources": {"stgpt_missing_thing": 1}},
+                                 graceful_shutdown_timeout_s=1)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
+    port = int(server["main"].rsplit(":", 1)[1].split("/")[0])
+    service = load_service(tmp_path / "serve.yaml", ["cluster.stall_warn_s=1", "cluster.stall_fail_s=4"],
+                           checkpoint=str(assets["checkpoint"]), port=port, num_replicas=1)
+    lines: list[str] = []
+    with pytest.raises(ServiceError) as failed:
+        with serving(service, log=lines.append):
+            pytest.fail("a replica that cannot be placed started")
+    warnings = [line for line in lines if line.startswith("no replica start finished")]
+    assert warnings and "cluster.stall_warn_s=1" in warnings[0] and "stgpt_missing_thing" in warnings[0], lines
+    assert "cluster.stall_fail_s=4" in str(failed.value) and "stgpt_missing_thing" in str(failed.value)
+    deadline = time.monotonic() + 60  # the app is taken down (asynchronously: nothing in it ever ran)
+    while "stgpt-stalled" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "stgpt-stalled" not in serve.status().applications
