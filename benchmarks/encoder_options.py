@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if not args.no_write:
         write_section("encoder-options", "\n".join([
-            f"## Encoder run options: TimeSformer-base forward + backward (`python benchmarks/encoder_options.py`)",
+            "## Encoder run options: TimeSformer-base forward + backward (`python benchmarks/encoder_options.py`)",
             "",
             f"{args.layers} layers, 768 wide, 8 frames at 224 px, batch {args.batch}, on {device.type}; "
             f"{machine_info()}. The machine was shared with three other agents' work, so absolute times are "

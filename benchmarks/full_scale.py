@@ -14,7 +14,6 @@ fits their memory from the per-sample activation memory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
