@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/dow
 from stgpt.config import ConfigError  # noqa: E402
 from stgpt.download import DownloaderNotFound, download_vatex  # noqa: E402
 from stgpt.launch import connect, exits, job_parser, parse  # noqa: E402
+from stgpt.resources import Watchdog, exit_stalled  # noqa: E402
 
 
 @exits(usage=(DownloaderNotFound,))
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     videos = args.videos or cfg.data.videos
     if not annotations or not videos:
         raise ConfigError("give --annotations and --videos (or data.annotations and data.videos in --config)")
-    with connect(cfg):
+    with connect(cfg), Watchdog.from_config("download", cfg.cluster, on_fail=exit_stalled):
         summary = download_vatex(annotations, videos, executable=args.executable, max_attempts=args.max_attempts,
                                  backoff_s=args.backoff, timeout_s=args.timeout, exact_cuts=args.exact_cuts,
                                  concurrency=args.concurrency, retry_unavailable=args.retry_unavailable)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ray
 
 from stgpt import storage
+from stgpt.resources import beat
 from stgpt.annotations import VIDEO_EXTENSIONS, find_videos, load_annotations
 
 # Lowest-quality format that is at least 224 px high; else the best there is.
@@ -319,6 +320,7 @@ def download_vatex(
                                              exact_cuts))
             ready, in_flight = ray.wait(in_flight, num_returns=1)
             result = ray.get(ready[0])
+            beat()  # a clip finished (or failed): progress for the job's stall watchdog
             counts[result.status] += 1
             if result.status == "downloaded":
                 gone.discard(result.video_id)
