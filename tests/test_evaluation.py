@@ -165,10 +165,17 @@ def test_shard_captions_equal_single_process_captioner(assets, shard_run):
     assert len(set(expected.values())) > 1  # the check means something: captions depend on the video
 
 
-def test_caption_actors_ran_on_several_nodes(shard_run, video_run):
+def test_every_row_was_captioned_by_an_actor_of_the_cluster(ray_cluster, shard_run, video_run):
+    """The pool runs on the two-node cluster and every row went through one of its actors. Which actors get rows
+    is Ray Data's choice: with the decode stage in front, a tiny model generates faster than videos decode, so
+    one free actor may take every row of these small splits (it did in about half the runs here)."""
+    import ray
+
+    cluster_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert len(cluster_nodes) >= 2
     for _, result in (shard_run, video_run):
         nodes = result.info["nodes"]
-        assert len(nodes) >= 2, nodes
+        assert nodes and set(nodes) <= cluster_nodes, nodes
         assert sum(nodes.values()) == result.info["counts"]["inputs"]
 
 
