@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.preprocess.max_error_rate = args.max_error_rate
     sources = split_inputs(cfg, args.annotations, args.videos, args.split)
     output = args.output or cfg.data.shards
-    with connect(cfg, preprocessing_plan(cfg)):
-        ensure_fits(preprocessing_plan(cfg), cfg.cluster)  # one decoding actor at least: else exit 2 now
+    plan = preprocessing_plan(cfg)
+    with connect(cfg, plan):
+        ensure_fits(plan, cfg.cluster)  # one decoding actor at least: else exit 2 now
         with Watchdog.from_config("video", cfg.cluster, on_fail=exit_stalled):
             summary = preprocess(sources, output, cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary.format())

@@ -28,6 +28,7 @@ import ray
 from stgpt.config import ClusterConfig, Config
 
 AUTO = "auto"
+AUTO_CEILING = 10_000  # an `auto` group grows to what the cluster holds, this at most
 POLL_S = 5.0  # how often a job waiting for an autoscaler looks again
 
 
@@ -229,18 +230,23 @@ def _request(plan: Plan) -> None:
 
 def training_plan(cfg: Config) -> Plan:
     t = cfg.train
-    auto = t.num_workers == AUTO
-    bundle = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
-    return Plan("training", [Group("training worker(s)", 10_000 if auto else int(t.num_workers), bundle,
-                                   "train.num_workers", auto=auto)], spare_cpus=cfg.cluster.data_cpus)
+    return _pool_plan("training", "training worker(s)", "train.num_workers", t.num_workers, t.cpus_per_worker,
+                      t.use_gpu, cfg.cluster.data_cpus)
 
 
 def evaluation_plan(cfg: Config) -> Plan:
     e = cfg.evaluate
-    auto = e.num_actors == AUTO
-    bundle = {"CPU": e.cpus_per_actor, **({"GPU": 1.0} if e.use_gpu else {})}
-    return Plan("evaluation", [Group("captioning actor(s)", 10_000 if auto else int(e.num_actors), bundle,
-                                     "evaluate.num_actors", auto=auto)], spare_cpus=cfg.cluster.data_cpus)
+    return _pool_plan("evaluation", "captioning actor(s)", "evaluate.num_actors", e.num_actors, e.cpus_per_actor,
+                      e.use_gpu, cfg.cluster.data_cpus)
+
+
+def _pool_plan(job: str, name: str, key: str, count: int | str, cpus: float, use_gpu: bool,
+               data_cpus: float) -> Plan:
+    """A pool of `count` equal workers (`auto`: as many as fit, up to AUTO_CEILING), Ray Data's CPUs beside it."""
+    auto = count == AUTO
+    bundle = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+    return Plan(job, [Group(name, AUTO_CEILING if auto else int(count), bundle, key, auto=auto)],
+                spare_cpus=data_cpus)
 
 
 def preprocessing_plan(cfg: Config) -> Plan:
