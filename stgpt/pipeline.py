@@ -25,6 +25,7 @@ from stgpt.shards import FRAME_COLUMNS, row_clip, row_error
 from stgpt.video import SampledWindow, VideoDecodeError
 
 ROW_KINDS = ("window", "end", "error")
+DECODE_CPUS = 1.0  # what one decode task holds; the model pool always leaves this much free
 PASSED_ON = ("video_id", "path", "part", "window_index", "window_start_s", "window_end_s", "num_source_frames")
 
 
@@ -132,16 +133,16 @@ class ModelActor:
 
 
 def pool_size(num_actors: int, cpus_per_actor: float, log: Callable[[str], None] = print) -> int:
-    """As many actors as the cluster's CPUs hold with one CPU to spare (GPU actors hold CPUs too).
+    """As many actors as the cluster's CPUs hold with a decode task's CPUs to spare (GPU actors hold CPUs too).
 
     The pool starts all its actors first; the read and decode tasks need a CPU of their own, so a pool holding
     every CPU would wait for its input forever (on a 2-core machine, 2 actors of 1 CPU do).
     """
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    if cpus - cpus_per_actor < 1.0:
+    if cpus - cpus_per_actor < DECODE_CPUS:
         raise ResourceError(f"the cluster has {cpus:g} CPU(s): one model actor of {cpus_per_actor:g} CPU would "
                          "leave none to read and decode videos with; lower cpus_per_actor")
-    fit = int((cpus - 1.0) // cpus_per_actor)
+    fit = int((cpus - DECODE_CPUS) // cpus_per_actor)
     if num_actors > fit:
         log(f"{num_actors} model actor(s) x {cpus_per_actor:g} CPU would leave no CPU of the cluster's "
             f"{cpus:g} to decode with: using {fit}")
@@ -156,7 +157,7 @@ def caption_stages(dataset: ray.data.Dataset, decode: Callable, decode_kwargs: d
     # Decoding stays a CPU task stage of its own: Ray Data fuses a task stage into the actor stage after it when
     # their remote args match, and the model actors would then decode. max_retries makes them differ (a decode
     # task lost with its worker is retried; a bad video is already an error row, not a failure).
-    dataset = dataset.map_batches(decode, batch_size=1, num_cpus=1, max_retries=3, fn_kwargs=decode_kwargs)
+    dataset = dataset.map_batches(decode, batch_size=1, num_cpus=DECODE_CPUS, max_retries=3, fn_kwargs=decode_kwargs)
     return dataset.map_batches(
         ModelActor, fn_constructor_kwargs={"checkpoint": checkpoint, "generation": generation.generate_kwargs(),
                                            "use_gpu": pool.use_gpu, "precision": pool.precision,
