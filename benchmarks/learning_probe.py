@@ -78,7 +78,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     torch.set_num_threads(1)
-    cfg = load_config(CONFIG_DIR / "tiny.yaml", [f"generation.num_beams={args.beams}", *args.overrides])
+    # model.kind=tiny: the captioner trained from scratch (benchmarks/stage_probe.py probes the staged recipe)
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["model.kind=tiny", f"generation.num_beams={args.beams}",
+                                                 *args.overrides])
     lr = args.lr if args.lr is not None else cfg.train.lr
     warmup = args.warmup if args.warmup is not None else cfg.train.warmup_ratio
 

@@ -201,7 +201,8 @@ def main() -> None:
 
     import ray
 
-    base = load_config(CONFIG_DIR / "tiny.yaml", list(args.overrides))
+    # the captioner alone, random-init: a throughput comparison needs no pretraining stages
+    base = load_config(CONFIG_DIR / "tiny.yaml", ["model.kind=tiny", *args.overrides])
     from stgpt.launch import start_local_ray
 
     start_local_ray(num_cpus=max(3, os.cpu_count() or 1), log_to_driver=False)

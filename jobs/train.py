@@ -39,8 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         print("synthetic test split, attributes named right by generated captions (chance: colour 25%, shape 33%, "
               "motion 17%): " + ", ".join(f"{k} {accuracy[k]:.1%}" for k in ("colour", "shape", "motion"))
               + f"; whole video right {accuracy['video']:.1%} of {int(accuracy['num_videos'])}")
+        if tested.info.get("per_motion"):
+            print("motion per direction (one-object videos): "
+                  + ", ".join(f"{m} {v:.0%}" for m, v in tested.info["per_motion"].items()))
+        if tested.info.get("time_reversal"):
+            reversal = tested.info["time_reversal"]
+            print(f"time reversal (played backwards, against the flipped motions): motion {reversal['motion']:.1%}; "
+                  f"the caption flips with the video for {reversal['flips_with_video']:.1%} of one-object videos")
         for video_id in sorted(tested.predictions)[:3]:
             print(f"  {video_id}: {tested.predictions[video_id]!r}  reference {tested.references[video_id][0]!r}")
+    if result.stage_seconds:
+        print("training time: " + ", ".join(f"{name} {value:.0f} s" for name, value in result.stage_seconds.items()))
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 

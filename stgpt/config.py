@@ -61,6 +61,9 @@ class ModelConfig:
     patch_size: int = 16
     vocab_size: int = 512  # of the byte-level BPE tokenizer trained on the dataset's captions
     dropout: float = 0.1  # GPT-2's residual, embedding and attention dropout (TimeSformer's default is 0)
+    # std of the random init of weights (transformers' initializer_range, 0.02 by default, sized for 768 wide
+    # models); configs/tiny.yaml sets more for its 64 wide one, which learned direction of travel only then
+    initializer_range: float = 0.02
 
 
 @dataclass
@@ -106,6 +109,7 @@ class DataConfig:
     synthetic_validation: int = 24
     synthetic_test: int = 24
     synthetic_seed: int = 0
+    synthetic_single_frame: bool = False  # the control: every frame of every video is its frame 0
 
 
 @dataclass
@@ -148,6 +152,25 @@ class TrainConfig:
     val_cider_videos: int = 0  # >0: CIDEr-D by generation on this many validation videos each epoch
     checkpoint_every_steps: int = 0  # >0: also checkpoint mid-epoch every this many optimiser steps (resume point)
     shuffle_buffer: int = 64  # rows each worker shuffles locally (0: stream order); bounded, so memory stays flat
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate as a fraction of train.lr (pretrained encoders)
+    encoder_freeze_ratio: float = 0.0  # fraction of the steps the encoder does not learn (with encoder_lr_scale)
+
+
+@dataclass
+class PretrainConfig:
+    """The tiny recipe's pretraining stages (stgpt/pretraining.py): with `enabled`, jobs/train.py first makes
+    `model.encoder` (a video classifier) and `model.decoder` (a language model) where they are missing."""
+
+    enabled: bool = False
+    output_dir: str = "outputs/pretrain"  # the stages' Ray Train runs (what resuming reads)
+    embedding_std: float = 0.5  # init of the encoder's position and time embeddings (0: transformers' default)
+    reverse_augment: float = 0.0  # encoder stage: fraction of clips played backwards, motions flipped
+    encoder_epochs: int = 4
+    encoder_lr: float = 2e-3
+    encoder_batch_size: int = 16  # per worker
+    decoder_epochs: int = 2
+    decoder_lr: float = 2e-3
+    decoder_batch_size: int = 32  # per worker
 
 
 @dataclass
@@ -164,6 +187,7 @@ class EvaluateConfig:
     precision: str = "fp32"  # fp32 keeps scores independent of the GPU; "auto" is bf16/fp16 on GPUs
     worst: int = 10  # how many of the lowest-CIDEr-D videos to list
     metrics: Optional[list[str]] = None  # None: all of stgpt.metrics.METRICS; e.g. [CIDEr-D, BLEU-4] skips METEOR's JVM
+    time_reversal: bool = True  # synthetic data: caption the videos played backwards too, scored on flipped motions
 
 
 @dataclass
@@ -219,6 +243,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)

@@ -2,14 +2,17 @@
 
 1. make the synthetic moving-shapes dataset and preprocess it into Parquet shards with Ray Data;
 2. evaluate the untrained demo checkpoint on the test split (the "before" figures);
-3. train the tiny model with Ray Train (2 workers, DDP);
-4. evaluate the trained model on the test split in parallel (CIDEr-D and colour / shape / motion accuracy);
+3. train the tiny model with Ray Train (2 workers, DDP) as SpaceTimeGPT was made: pretrain the encoder as a
+   video classifier and the decoder as a language model, then fine-tune the captioner from the two;
+4. evaluate the trained model on the test split in parallel (CIDEr-D, colour / shape / motion accuracy, and
+   motion on the test videos played backwards: the time-reversal check);
 5. serve it with Ray Serve and caption a test video over HTTP;
 6. write a report: figures before and after, a few test videos with their captions, and a picture of them.
 Every step resumes or reuses what an earlier run left. Outputs go under `outputs/` (data, shards, train, demo).
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from stgpt.checkpoints import ensure_demo_checkpoint
 from stgpt.client import caption
 from stgpt.config import Config
 from stgpt.evaluation import evaluate, synthetic_input
+from stgpt.pretraining import run_pretraining
 from stgpt.report import CaptionedVideo, caption_strip
 from stgpt.serving import build_app
 from stgpt.synthetic import SyntheticDataset
@@ -46,15 +50,22 @@ def run_demo(cfg: Config) -> dict:
 
     t = step(2, "evaluate the untrained model on the test split")
     untrained = ensure_demo_checkpoint(cfg=cfg)  # the one demo checkpoint, built from this config if missing
-    before = evaluate(test, str(untrained.resolve()), cfg, DEMO_DIR / "eval_before", untrained=True,
+    no_reversal = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, time_reversal=False))
+    before = evaluate(test, str(untrained.resolve()), no_reversal, DEMO_DIR / "eval_before", untrained=True,
                       log=lambda _: None)
     print(f"    {time.perf_counter() - t:.0f} s; CIDEr-D {100 * before.report.corpus['CIDEr-D']:.1f}")
 
-    t = step(3, f"train the tiny model with Ray Train ({cfg.train.num_workers} workers, {cfg.train.epochs} epochs)")
+    t = step(3, f"train the tiny model with Ray Train ({cfg.train.num_workers} workers): pretraining stages, "
+                f"then {cfg.train.epochs} epochs of captioning")
+    cfg, stages = run_pretraining(cfg)
     trained = run_training(cfg)
     if trained.best_dir is None:
         raise RuntimeError("training produced no checkpoint")
-    print(f"    {time.perf_counter() - t:.0f} s; best checkpoint {trained.best_dir}")
+    # a stage skipped as done shows the time its own run took
+    seconds = {**{name: round(stage.metrics.get("seconds", stage.seconds), 1) for name, stage in stages.items()},
+               "caption": round(trained.seconds, 1)}
+    print(f"    {time.perf_counter() - t:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
+          f"best checkpoint {trained.best_dir}")
 
     t = step(4, "evaluate the trained model on the test split")
     after = evaluate(test, str(trained.best_dir), cfg, DEMO_DIR / "eval_after", log=lambda _: None)
@@ -71,7 +82,10 @@ def run_demo(cfg: Config) -> dict:
         "before": summary_figures(before), "after": summary_figures(after),
         "examples": [{"video_id": v, "generated": after.predictions[v], "reference": after.references[v][0]}
                      for v in examples],
-        "served": served,
+        "served": served, "training_seconds": seconds,
+        "time_reversal": {key: round(100 * value, 1) for key, value in
+                          (after.info.get("time_reversal") or {}).items() if key != "num_videos"},
+        "per_motion": {key: round(100 * value, 1) for key, value in (after.info.get("per_motion") or {}).items()},
         "outputs": {"shards": str(Path(cfg.data.shards).resolve()), "checkpoint": str(trained.best_dir),
                     "tensorboard": str(Path(cfg.train.output_dir).resolve() / "tensorboard"),
                     "eval_before": str((DEMO_DIR / "eval_before").resolve()),
@@ -116,7 +130,16 @@ def print_report(report: dict) -> None:
         unit = "" if key == "CIDEr-D" else " %"
         label = key if key == "CIDEr-D" else f"{key} accuracy{unit}"
         print(f"{label:22}{before.get(key, float('nan')):>10.1f}{after.get(key, float('nan')):>10.1f}")
-    print("(chance accuracy: colour 25%, shape 33%, motion 17%)\n")
+    print("(chance accuracy: colour 25%, shape 33%, motion 17%)")
+    if report.get("per_motion"):
+        print("motion per direction, one-object videos: "
+              + ", ".join(f"{m} {v:.0f}%" for m, v in report["per_motion"].items()))
+    reversal = report.get("time_reversal") or {}
+    if reversal:
+        print(f"time reversal (test videos played backwards, scored on the flipped motions): motion "
+              f"{reversal['motion']:.1f}%; the caption flips with the video for {reversal['flips_with_video']:.1f}% "
+              "of one-object videos")
+    print(f"training time: {', '.join(f'{k} {v:.0f} s' for k, v in report.get('training_seconds', {}).items())}\n")
     for example in report["examples"]:
         print(f"{example['video_id']}\n  generated: {example['generated']}\n  reference: {example['reference']}")
     served = report["served"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 
@@ -38,6 +39,7 @@ from stgpt.resources import AUTO, beat, fit_evaluation
 from stgpt.shards import FRAME_COLUMNS, list_shards
 
 GENERATED_CAPTIONS = "generated_captions.json"
+REVERSED_CAPTIONS = "generated_captions_reversed.json"  # the time-reversal check's captions (synthetic data)
 METRICS_FILE = "metrics.json"
 PER_VIDEO_FILE = "per_video_scores.jsonl"
 ERRORS_FILE = "errors.jsonl"
@@ -165,10 +167,10 @@ class GenerationResult:
     seconds: float
 
 
-def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
-                    log: Callable[[str], None] = print) -> GenerationResult:
+def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config, log: Callable[[str], None] = print,
+                    reverse_time: bool = False) -> GenerationResult:
     """Caption every input row: a CPU stage decodes, a pool of `evaluate.num_actors` model actors generates;
-    one prediction or error each."""
+    one prediction or error each. `reverse_time`: every video played backwards (`decode_reversed`)."""
     ecfg = cfg.evaluate
     start = time.perf_counter()
     rows = len(inputs.video_ids)
@@ -192,6 +194,8 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
             items = [{"video_id": v, "path": inputs.video_paths[v], "part": 0} for v in inputs.video_ids]
             dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
             decode, decode_kwargs = decode_videos, {"video": video}
+        if reverse_time:
+            decode, decode_kwargs = decode_reversed, {"decode": decode, **decode_kwargs}
         dataset = caption_stages(dataset, decode, decode_kwargs, checkpoint, cfg.generation, ecfg, num_actors)
         # Start the whole pool before the first batch: the first actor up would otherwise take every batch of a
         # small split, and a pool the cluster cannot hold (no GPUs) fails with a message instead of waiting.
@@ -207,6 +211,17 @@ def caption_dataset(inputs: EvalInput, checkpoint: str, cfg: Config,
                 f"did not start within {ACTOR_START_TIMEOUT_S} s: the cluster ({ray.cluster_resources()}) cannot "
                 "hold them; lower evaluate.num_actors or evaluate.cpus_per_actor") from None
     return _account(inputs, outputs, time.perf_counter() - start)
+
+
+def decode_reversed(batch: dict[str, np.ndarray], decode: Callable, **kwargs: Any):
+    """`decode`'s rows with every clip's frames in reverse order: the time-reversal check's decode stage."""
+    crop = kwargs["video"].crop_size
+    for out in decode(batch, **kwargs):
+        if out["kind"][0] == "window":
+            frames = np.frombuffer(out["frames"][0], np.uint8).reshape(-1, crop, crop, 3)
+            out["frames"] = [synthetic.reverse_time(frames, axis=0).tobytes()]
+            out["frame_indices"] = [list(out["frame_indices"][0])[::-1]]
+        yield out
 
 
 def _account(inputs: EvalInput, outputs: list[dict[str, Any]], seconds: float) -> GenerationResult:
@@ -291,6 +306,15 @@ class EvaluationResult:
             acc = self.attribute_accuracy
             lines += ["", f"Attribute accuracy on {int(acc['num_videos'])} synthetic videos: " + ", ".join(
                 f"{key} {100 * acc[key]:.1f}%" for key in ("colour", "shape", "motion", "object", "video"))]
+        if info.get("per_motion"):
+            lines.append("Motion per direction (one-object videos): " + ", ".join(
+                f"{m} {100 * v:.0f}%" for m, v in info["per_motion"].items()))
+        if info.get("time_reversal"):
+            rev = info["time_reversal"]
+            lines.append(f"Time reversal (the videos played backwards, against the flipped motions): motion "
+                         f"{100 * rev['motion']:.1f}%, colour {100 * rev['colour']:.1f}%, shape "
+                         f"{100 * rev['shape']:.1f}%; the caption's motion flips with the video for "
+                         f"{100 * rev['flips_with_video']:.1f}% of one-object videos")
         worst = self.worst_videos()
         if worst:
             metric = next(k for k in worst[0] if k not in ("video_id", "prediction", "reference"))
@@ -328,6 +352,13 @@ def evaluate(inputs: EvalInput, checkpoint: str, cfg: Config, output: str | os.P
         "counts": {"inputs": len(inputs.video_ids), "known_errors": len(inputs.errors)},
         "nodes": generated.nodes, "seconds": {"generate": round(generated.seconds, 3)},
     }
+    if inputs.attributes:
+        info["per_motion"] = motion_accuracy(generated.predictions, inputs.attributes)
+    if cfg.evaluate.time_reversal and inputs.attributes:
+        backwards = caption_dataset(inputs, checkpoint, cfg, log, reverse_time=True)
+        save_predictions(backwards.predictions, out / REVERSED_CAPTIONS)
+        info["time_reversal"] = time_reversal_check(generated.predictions, backwards.predictions, inputs.attributes)
+        info["seconds"]["generate_reversed"] = round(backwards.seconds, 3)
     return _score_and_write(out, generated.predictions, inputs.references, inputs.attributes, generated.errors,
                             info, cfg)
 
@@ -364,6 +395,43 @@ def _score_and_write(out: Path, predictions: dict[str, str], references: dict[st
         for video_id, scores in report.per_video.items()])
     storage.write_text(out / METRICS_FILE, json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def time_reversal_check(forward: Mapping[str, str], backward: Mapping[str, str],
+                        attributes: Mapping[str, Mapping]) -> dict[str, float]:
+    """How the captions of videos played backwards score against the flipped motions (left <-> right, up <->
+    down, grow <-> shrink): a model that reads the frames in order gets motion right both ways; one that reads
+    the motion from a single frame, or guesses it, does not. `flips_with_video`: of one-object videos, how often
+    the forward caption names the true motion and the backward one its opposite."""
+    flipped = {video_id: synthetic.flip_motion(value) for video_id, value in attributes.items()}
+    scored = [v for v in backward if v in attributes]
+    if not scored:
+        return {}
+    accuracy = synthetic.attribute_accuracy({v: backward[v] for v in scored}, flipped)
+    single = [v for v in scored if v in forward and len(attributes[v]["objects"]) == 1]
+    flips = 0
+    for video_id in single:
+        truth = attributes[video_id]["objects"][0]["motion"]
+        named = [synthetic.parse_caption(text)["objects"] for text in (forward[video_id], backward[video_id])]
+        flips += bool(all(named) and named[0][0]["motion"] == truth
+                      and named[1][0]["motion"] == synthetic.OPPOSITE_MOTION[truth])
+    return {"motion": accuracy["motion"], "colour": accuracy["colour"], "shape": accuracy["shape"],
+            "video": accuracy["video"], "flips_with_video": flips / len(single) if single else float("nan"),
+            "num_videos": float(len(scored))}
+
+
+def motion_accuracy(predictions: Mapping[str, str], attributes: Mapping[str, Mapping]) -> dict[str, float]:
+    """Per true motion, the fraction of one-object videos whose caption names it: 'every direction'."""
+    right: Counter = Counter()
+    seen: Counter = Counter()
+    for video_id, text in predictions.items():
+        objects = attributes[video_id]["objects"] if video_id in attributes else []
+        if len(objects) == 1:
+            motion = objects[0]["motion"]
+            named = synthetic.parse_caption(text)["objects"]
+            seen[motion] += 1
+            right[motion] += bool(named and named[0]["motion"] == motion)
+    return {m: right[m] / seen[m] for m in synthetic.MOTIONS if seen[m]}
 
 
 def _is_glob(text: str) -> bool:

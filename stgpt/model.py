@@ -94,12 +94,14 @@ def build_tiny(model_cfg: ModelConfig, video_cfg: VideoConfig, tokenizer: PreTra
         image_size=video_cfg.crop_size, patch_size=model_cfg.patch_size, num_frames=video_cfg.num_frames,
         hidden_size=model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
         num_attention_heads=model_cfg.num_heads, intermediate_size=4 * model_cfg.hidden_size,
+        initializer_range=model_cfg.initializer_range,
     )
     decoder = GPT2Config(
         vocab_size=len(tokenizer), n_positions=256, n_embd=model_cfg.hidden_size, n_layer=model_cfg.num_layers,
         n_head=model_cfg.num_heads, add_cross_attention=True, is_decoder=True,
         resid_pdrop=model_cfg.dropout, embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=model_cfg.initializer_range,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     model = VisionEncoderDecoderModel(config=config)

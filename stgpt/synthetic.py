@@ -62,16 +62,17 @@ BACKGROUND: tuple[int, int, int] = (24, 24, 24)
 
 # Geometry, as fractions of the shorter side of the frame. "size" is an object's half-extent: a circle's radius,
 # half a square's side, half a triangle's base (and height).
-# Motion is made large enough to see after the tiny model's downscale (128 -> 96 px, 16 px patches): a quarter of
+# Motion is made large enough to see after the tiny model's downscale (128 -> 48 px, 8 px patches): a quarter of
 # the frame's side for translations, x1.8 in size for growth, while start positions still leave room for any motion.
-SIZE_RANGE: tuple[float, float] = (0.06, 0.12)
+# Objects span one to two patches of the tiny model's grid (at 0.06-0.12 shape stayed near chance in captioners).
+SIZE_RANGE: tuple[float, float] = (0.10, 0.16)
 TRAVEL: float = 0.25  # how far a translating object moves over the whole clip
 GROWTH: float = 1.8  # how many times larger (grow) or smaller (shrink) an object ends than it starts
 
 DEFAULT_NUM_VIDEOS: dict[str, int] = {"train": 192, "validation": 32, "test": 32}
 DEFAULT_P_TWO_OBJECTS: float = 0.25
 CAPTIONS_PER_VIDEO = 10
-FORMAT_VERSION = 2  # bump when a change to the generator changes its output
+FORMAT_VERSION = 4  # bump when a change to the generator changes its output
 
 # Encoders to try per container, best first.
 _ENCODERS: dict[str, tuple[str, ...]] = {"mp4": ("libx264", "h264"), "webm": ("libvpx-vp9", "libvpx")}
@@ -285,7 +286,11 @@ def plan_video(
     num_objects = 2 if rng.random() < p_two_objects else 1
     colours = rng.choice(len(COLOURS), size=num_objects, replace=False)  # distinct, to tell objects apart
     placed: list[tuple[float, float, float]] = []
+    attempts = 0
     while len(placed) < num_objects:
+        attempts += 1
+        if attempts % 100 == 0:  # a first object that leaves no room for the second: place both again
+            placed = []
         half = rng.uniform(*SIZE_RANGE) * side
         margin = max(half + travel, half * GROWTH)  # room for every motion, whichever this object gets
         x = rng.uniform(margin, width - margin)
@@ -447,6 +452,35 @@ def _score(truth: list[Mapping], assignment: Sequence[dict | None]) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------------------
+# Time controls: what proves a model reads the frames in order.
+
+OPPOSITE_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
+
+
+def reverse_time(frames, axis: int = -4):
+    """The clip played backwards: frames (a numpy array or torch tensor) in reverse order along the time axis,
+    (..., T, H, W, C) by default."""
+    if isinstance(frames, np.ndarray):
+        return np.flip(frames, axis=axis).copy()
+    return frames.flip(axis)
+
+
+def flip_motion(attributes: Mapping[str, list]) -> dict[str, list]:
+    """The attributes of a video played backwards: every motion becomes its opposite (left <-> right, up <->
+    down, grow <-> shrink); colours and shapes stay."""
+    return {**attributes, "objects": [{**obj, "motion": OPPOSITE_MOTION[obj["motion"]]}
+                                      for obj in attributes["objects"]]}
+
+
+def first_frame_only(frames, axis: int = -4):
+    """The single-frame control: every frame (numpy array or torch tensor) replaced by the first, so nothing
+    moves while colour, shape, size and position stay those of frame 0."""
+    if isinstance(frames, np.ndarray):
+        return np.broadcast_to(np.take(frames, [0], axis=axis), frames.shape).copy()
+    return frames.narrow(axis, 0, 1).expand_as(frames).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
 # Rendering.
 
 
@@ -562,8 +596,12 @@ def make_synthetic_dataset(
     fps: int = 8,
     container: str = "mp4",
     p_two_objects: float = DEFAULT_P_TWO_OBJECTS,
+    single_frame: bool = False,
 ) -> SyntheticDataset:
     """Make the dataset in `root` if it is not there yet; return where its files are.
+
+    `single_frame` makes the control dataset: the same videos and captions, but every frame is the video's
+    frame 0 (`first_frame_only`), so nothing in it tells the motion.
 
     `size` is (width, height), both even (yuv420p). A complete folder made with the same arguments is returned
     untouched; one made with other arguments raises FileExistsError. A folder left half-written by an
@@ -588,7 +626,7 @@ def make_synthetic_dataset(
     if not encoder_opens(codec):
         return _make_in_fresh_process(
             root, num_videos=num_videos, seed=seed, size=size, num_frames=num_frames, fps=fps,
-            container=container, p_two_objects=p_two_objects,
+            container=container, p_two_objects=p_two_objects, single_frame=single_frame,
         )
     params = _normalise(
         {
@@ -600,6 +638,7 @@ def make_synthetic_dataset(
             "fps": int(fps),
             "container": container,
             "p_two_objects": float(p_two_objects),
+            "single_frame": bool(single_frame),
         }
     )
     root = Path(root)
@@ -633,7 +672,8 @@ def make_synthetic_dataset(
             if name in existing:
                 continue
             with storage.replacing(video_dir / name) as temporary:
-                encode_video(render_video(spec, (width, height), num_frames), temporary, fps, container)
+                frames = render_video(spec, (width, height), num_frames)
+                encode_video(first_frame_only(frames) if single_frame else frames, temporary, fps, container)
         for split, specs in plans.items():
             _write_json_atomic(annotation_dir / f"{split}.json", [spec.annotation() for spec in specs], indent=1)
         _write_json_atomic(root / "manifest.json", {"params": params, "splits": splits}, indent=1)
@@ -715,7 +755,8 @@ def _write_json_atomic(path: Path, value, indent: int | None = None) -> None:
 def from_config(data: DataConfig) -> SyntheticDataset:
     """The synthetic dataset a config's `data` section describes, made under `data.root` if missing."""
     return make_synthetic_dataset(data.root, {"train": data.synthetic_train, "validation": data.synthetic_validation,
-                                              "test": data.synthetic_test}, seed=data.synthetic_seed)
+                                              "test": data.synthetic_test}, seed=data.synthetic_seed,
+                                  single_frame=data.synthetic_single_frame)
 
 
 # --------------------------------------------------------------------------------------------------------

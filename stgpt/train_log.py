@@ -184,7 +184,8 @@ class EpochProgress:
 
 def format_epoch(metrics: dict, epochs: int) -> str:
     """One line for people: 'epoch 3/60: train_loss 1.234, val_loss 1.111, 118 samples/s, 9 s'."""
-    parts = [f"{key} {metrics[key]:.4g}" for key in ("train_loss", "val_loss", "val_cider") if key in metrics]
+    parts = [f"{key} {metrics[key]:.4g}" for key in ("train_loss", "val_loss", "val_cider", "val_colour", "val_shape",
+                                                      "val_motion") if key in metrics]  # the last 3: encoder stage
     parts += [f"{metrics['samples_per_s']:.0f} samples/s", f"{metrics['epoch_seconds']:.0f} s"]
     if metrics.get("bad_rows"):
         parts.append(f"{metrics['bad_rows']} bad rows skipped")

@@ -121,10 +121,10 @@ def _setup(config: dict) -> WorkerRun:
         apply_encoder_options(caption_model.model, cfg.encoder)
         model = ray.train.torch.prepare_model(caption_model.model, parallel_strategy="ddp" if world > 1 else None)
         raw_model = model.module if hasattr(model, "module") else model
-        optimizer = make_optimizer(raw_model, t.lr, t.weight_decay)
+        optimizer = make_optimizer(raw_model, t.lr, t.weight_decay, t.encoder_lr_scale)
         per_epoch = steps_per_epoch(config["num_train_samples"], world, t.batch_size, t.grad_accum_steps)
         total_steps = min(per_epoch * t.epochs, t.max_steps) if t.max_steps else per_epoch * t.epochs
-        scheduler = make_scheduler(optimizer, total_steps, t.warmup_ratio)
+        scheduler = make_scheduler(optimizer, total_steps, t.warmup_ratio, t.encoder_freeze_ratio)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         progress = load_training_state(resume_dir, optimizer, scheduler, scaler) if resume_dir else Progress()
     started = {"resumed": resume_dir is not None, **dataclasses.asdict(progress),
@@ -290,18 +290,37 @@ def lookahead(iterable: Iterable) -> Iterator[tuple[Any, bool]]:
 # Optimiser, schedule and the training state a checkpoint holds
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters), as Hugging Face's Trainer does."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   encoder_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters), as Hugging Face's Trainer does. The
+    encoder's parameters (`encoder.*`, groups marked "encoder") learn at `encoder_lr_scale` x `lr`: a pretrained
+    encoder fine-tuned at the decoder's rate forgot the motion it knew (issue 13, benchmarks/RESULTS.md)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("encoder."), p.ndim >= 2), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decays else 0.0,
+                               "lr": lr * encoder_lr_scale if encoder else lr, "encoder": encoder}
+                              for (encoder, decays), params in sorted(groups.items())], lr=lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up to the peak learning rate over `warmup_ratio` of the steps, then linear decay to zero."""
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
+                   encoder_freeze_ratio: float = 0.0):
+    """Linear warm-up to the peak learning rate over `warmup_ratio` of the steps, then linear decay to zero.
+    With `encoder_freeze_ratio`, the encoder's groups (`make_optimizer`'s) stay at 0 for that fraction of the
+    steps: the decoder's fresh cross-attention learns to read a pretrained encoder before its gradients reach it."""
     total = max(1, total_steps)
-    return get_linear_schedule_with_warmup(optimizer, int(round(warmup_ratio * total)), total)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(round(warmup_ratio * total)), total)
+    frozen = int(round(encoder_freeze_ratio * total))
+    if not frozen:
+        return schedule
+    linear = schedule.lr_lambdas[0]
+
+    def encoder_factor(step: int) -> float:
+        return 0.0 if step < frozen else linear(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [encoder_factor if group.get("encoder") else linear for group in optimizer.param_groups])
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_accum_steps: int) -> int:

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["video.num_frames=8", "video.short_side=32", "video.crop_size=32", "model.hidden_size=32", "model.num_layers=1",
          "model.patch_size=16", "model.vocab_size=256", "generation.num_beams=2", "generation.max_new_tokens=12",
          "data.synthetic_train=16", "data.synthetic_validation=4", "data.synthetic_test=4", "train.epochs=6",
-         "train.lr=5e-3", "evaluate.metrics=[CIDEr-D,ROUGE-L]"]
+         "train.lr=5e-3", "evaluate.metrics=[CIDEr-D,ROUGE-L]", "pretrain.encoder_epochs=1", "pretrain.decoder_epochs=1",
+         "pretrain.encoder_batch_size=4", "pretrain.decoder_batch_size=16"]
 
 
 COMMAND = [sys.executable, str(REPO / "jobs" / "demo.py"), *SMALL]
@@ -48,7 +49,7 @@ def test_demo_interrupted_then_run_again_finishes_every_step(tmp_path):
     # First run: Ctrl-C once training has shown its second epoch (so the first one's checkpoint is registered).
     first = subprocess.Popen(COMMAND, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines, found = read_until(first, "epoch 2/6", timeout=420)
+        lines, found = read_until(first, "epoch 2/6", timeout=600)
         assert found, "\n".join(lines[-60:])
         first.send_signal(signal.SIGINT)
         rest, _ = first.communicate(timeout=180)
@@ -68,6 +69,8 @@ def test_demo_interrupted_then_run_again_finishes_every_step(tmp_path):
         assert f"=== [{number}/6]" in second.stdout  # progress, step by step
     shown = [line.split(":")[0] for line in second.stdout.splitlines() if line.startswith("epoch ")]
     assert shown and "epoch 1/6" not in shown and shown[-1] == "epoch 6/6", shown  # resumed, not restarted
+    assert "[encoder] epoch 1/1" in "\n".join(lines)  # the first run pretrained the encoder ...
+    assert "pretraining stage encoder: done already" in second.stdout  # ... which the second one keeps
 
     report = json.loads((tmp_path / "outputs" / "demo" / "report.json").read_text())
     assert set(report["before"]) >= {"CIDEr-D", "colour", "shape", "motion"}
@@ -83,6 +86,10 @@ def test_demo_interrupted_then_run_again_finishes_every_step(tmp_path):
         assert example["generated"] == predictions[example["video_id"]] and example["reference"]
     served = report["served"]  # over HTTP, the same caption the evaluation job generated for that video
     assert served["caption"] == predictions[served["video_id"]], served
+    reversal = json.loads((tmp_path / "outputs" / "demo" / "eval_after" / "metrics.json").read_text())["time_reversal"]
+    assert report["time_reversal"]["motion"] == round(100 * reversal["motion"], 1)
+    assert "time reversal (test videos played backwards" in second.stdout
+    assert set(report["training_seconds"]) == {"encoder", "decoder", "caption"}
     picture = Path(report["outputs"]["picture"])
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
     assert Path(report["outputs"]["checkpoint"], "model.safetensors").exists()

@@ -313,5 +313,7 @@ def test_no_arguments_runs_the_default_on_the_synthetic_test_split(ray_cluster, 
     assert metrics["untrained"] is True and metrics["data_kind"] == "shards"
     assert metrics["checkpoint"] == str(tmp_path / "outputs" / "demo" / "untrained")
     assert metrics["attribute_accuracy"]["num_videos"] == 4
+    assert metrics["time_reversal"]["num_videos"] == 4  # the synthetic test split, played backwards too
+    assert len(json.loads((folder / "generated_captions_reversed.json").read_text())) == 4
     assert sorted(p.name for p in (tmp_path / "outputs" / "shards").glob("test-part-*.parquet")) == [
         "test-part-00000-of-00001.parquet"]

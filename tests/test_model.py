@@ -6,6 +6,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, GenerationConfig, G
                           TimesformerConfig, TimesformerModel, VisionEncoderDecoderModel)
 
 from stgpt.config import load_config
+from stgpt.device import autocast, resolve_precision
 from stgpt.inference import Captioner
 from stgpt.model import (build_model, generate_captions, load_checkpoint, save_checkpoint, tokenize_captions,
                          train_tokenizer)
@@ -102,6 +103,29 @@ def test_tiny_dropout_is_configurable(tiny):
                                noisy(pixel_values=pixel_values, labels=labels).loss)
     finally:
         noisy.train(was_training)
+
+
+def test_init_std_is_configurable_and_reaches_both_parts():
+    """model.initializer_range sets the std the random weights are drawn with, in the encoder and the decoder."""
+    def weight_std(cfg_overrides: dict) -> tuple[float, float]:
+        model = build_model(tiny_config(**cfg_overrides), CAPTIONS).model
+        encoder = model.encoder.encoder.layer[0].intermediate.dense.weight
+        decoder = model.decoder.transformer.h[0].mlp.c_fc.weight
+        return encoder.std().item(), decoder.std().item()
+
+    default = weight_std({})
+    wide = weight_std({"model.initializer_range": 0.14})
+    assert default == pytest.approx((0.02, 0.02), rel=0.15)
+    assert wide == pytest.approx((0.14, 0.14), rel=0.15)
+
+
+def test_bf16_is_kept_on_the_cpu_only_when_asked():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == ["fp32", "fp32", "fp32", "bf16"]
+    with autocast(cpu, "bf16"):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)
 
 
 def test_checkpoint_is_self_contained(tiny, tmp_path):

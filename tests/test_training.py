@@ -39,7 +39,9 @@ from stgpt.training import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FRAMES, SIZE = 8, 32
 # A model and video size that train in seconds; the rest of configs/tiny.yaml as it is.
-SMALL = [f"video.num_frames={FRAMES}", f"video.short_side={SIZE}", f"video.crop_size={SIZE}", "model.hidden_size=32",
+# model.kind=tiny: the captioner alone, random-init (the default's pretraining stages: tests/test_pretraining.py)
+SMALL = ["model.kind=tiny", f"video.num_frames={FRAMES}", f"video.short_side={SIZE}", f"video.crop_size={SIZE}",
+         "model.hidden_size=32",
          "model.num_layers=1", "model.num_heads=2", "model.patch_size=16", "model.vocab_size=256",
          "generation.num_beams=2", "generation.max_new_tokens=12"]
 
