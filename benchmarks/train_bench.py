@@ -150,12 +150,13 @@ def learn(write: bool) -> str:
     summary = json.loads(summary_path.read_text())
     acc = summary["test_accuracy"]
     best = summary["best_metrics"]
+    stages = summary.get("stage_seconds") or {"caption": summary["seconds"]}  # pretraining stages, then captioning
     lines = [
         "## Training: the default run learns (`python jobs/train.py`, no arguments)",
         "",
         f"{machine_info()}. Wall time of the whole command: **{wall / 60:.1f} min** (making and preprocessing the "
         f"synthetic dataset if missing, Ray start-up, training, generation on the test split); training itself "
-        f"{summary['seconds'] / 60:.1f} min.",
+        f"{sum(stages.values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}).",
         "",
         f"Config: configs/tiny.yaml ({cfg.model.hidden_size}-wide, {cfg.model.num_layers} layers, patch "
         f"{cfg.model.patch_size}, {cfg.video.num_frames} frames of {cfg.video.crop_size} px; "

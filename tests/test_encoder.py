@@ -38,7 +38,9 @@ def test_sdpa_equals_eager_outputs_and_gradients(channels_last):
     torch.testing.assert_close(fused[1], eager[1], atol=1e-5, rtol=1e-5)
     assert fused[2].keys() == eager[2].keys()
     for name in eager[2]:
-        torch.testing.assert_close(fused[2][name], eager[2][name], atol=1e-5, rtol=1e-5, msg=name)
+        # summed gradients (cls_token's over every frame reach |g| ~ 100): fp32 rounding scales with the sum
+        scale = eager[2][name].abs().max().item()
+        torch.testing.assert_close(fused[2][name], eager[2][name], atol=1e-5 + 1e-6 * scale, rtol=1e-5, msg=name)
     set_attention(model, "eager")  # and back: transformers' own forward again
     torch.testing.assert_close(_run(model, pixels)[0], eager[0], atol=0, rtol=0)
 
