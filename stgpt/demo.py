@@ -23,7 +23,7 @@ from stgpt.checkpoints import ensure_demo_checkpoint
 from stgpt.client import caption
 from stgpt.config import Config
 from stgpt.evaluation import evaluate, synthetic_input
-from stgpt.pretraining import run_pretraining
+from stgpt.pretraining import run_pretraining, stage_seconds
 from stgpt.report import CaptionedVideo, caption_strip
 from stgpt.serving import build_app
 from stgpt.synthetic import SyntheticDataset
@@ -61,9 +61,7 @@ def run_demo(cfg: Config) -> dict:
     trained = run_training(cfg)
     if trained.best_dir is None:
         raise RuntimeError("training produced no checkpoint")
-    # a stage skipped as done shows the time its own run took
-    seconds = {**{name: round(stage.metrics.get("seconds", stage.seconds), 1) for name, stage in stages.items()},
-               "caption": round(trained.seconds, 1)}
+    seconds = stage_seconds(stages, trained.seconds)
     print(f"    {time.perf_counter() - t:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
           f"best checkpoint {trained.best_dir}")
 

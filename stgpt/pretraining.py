@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import tempfile
 import time
 import zlib
@@ -103,17 +102,10 @@ def read_labels(logits: np.ndarray | torch.Tensor, num_objects: int) -> list[dic
     best shape and best motion."""
     logits = np.asarray(logits, dtype=np.float64)
     colours = list(COLOURS)
-    strength = [max(logits[LABEL_INDEX[f"{c} {s}"]] for s in SHAPES) + max(logits[LABEL_INDEX[f"{c} {m}"]]
-                for m in MOTIONS) for c in colours]
-    strength = [logsumexp([logits[LABEL_INDEX[f"{c} {s}"]] for s in SHAPES]) for c in colours]  # as trained
+    strength = [np.logaddexp.reduce([logits[LABEL_INDEX[f"{c} {s}"]] for s in SHAPES]) for c in colours]  # as trained
     chosen = [colours[i] for i in np.argsort(strength)[::-1][:num_objects]]
     return [{"colour": c, "shape": max(SHAPES, key=lambda s: logits[LABEL_INDEX[f"{c} {s}"]]),
              "motion": max(MOTIONS, key=lambda m: logits[LABEL_INDEX[f"{c} {m}"]])} for c in chosen]
-
-
-def logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,6 +182,12 @@ class StageResult:
     skipped: bool  # it was there already
     seconds: float
     metrics: dict[str, Any]
+
+
+def stage_seconds(stages: Mapping[str, StageResult], caption_seconds: float) -> dict[str, float]:
+    """Each stage's training time, then captioning's: a stage skipped as done shows the time its own run took."""
+    return {**{name: round(stage.metrics.get("seconds", stage.seconds), 1) for name, stage in stages.items()},
+            "caption": round(caption_seconds, 1)}
 
 
 def is_done(path: str | Path) -> bool:

@@ -27,7 +27,7 @@ from stgpt.config import Config
 from stgpt.evaluation import EvaluationResult, evaluate, synthetic_input
 from stgpt.model import train_tokenizer
 from stgpt.preprocessing import SplitInput, preprocess
-from stgpt.pretraining import run_pretraining
+from stgpt.pretraining import run_pretraining, stage_seconds
 from stgpt.resources import Heartbeat, Watchdog, exit_stalled, fit_training, heartbeat_probe
 from stgpt.shard_data import read_captions, shard_dataset, split_paths
 from stgpt.train_log import PROGRESS_FILE, EpochProgress
@@ -192,9 +192,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, on_stall: Callable[[s
             prepare_synthetic_shards(cfg, log)
     cfg, stages = run_pretraining(cfg, log)  # the tiny default's encoder and decoder, where not made yet
     result = run_training(cfg, log=log, on_stall=on_stall)
-    # a stage skipped as done shows the time its own run took
-    result.stage_seconds = {**{name: round(stage.metrics.get("seconds", stage.seconds), 1)
-                               for name, stage in stages.items()}, "caption": round(result.seconds, 1)}
+    result.stage_seconds = stage_seconds(stages, result.seconds)
     output = Path(cfg.train.output_dir).resolve()
     summary = json.loads((output / SUMMARY_FILE).read_text())
     summary.update(stage_seconds=result.stage_seconds)
