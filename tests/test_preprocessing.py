@@ -290,7 +290,7 @@ def test_default_run_preprocesses_every_synthetic_split(ray_cluster, tmp_path, c
         assert all(path.startswith("file://") for path in paths)
         rows = [r for path in paths for r in pq.read_table(path).to_pylist()]
         assert len(rows) == count and {r["split"] for r in rows} == {split}
-        assert {r["height"] for r in rows} == {96}  # the default config, configs/tiny.yaml: 96 px crops
+        assert {r["height"] for r in rows} == {load_config().video.crop_size}  # the default config's crops
 
 
 def test_a_decoder_crash_fails_only_that_video(data, tmp_path):
