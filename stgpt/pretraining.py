@@ -333,7 +333,7 @@ def _stage_func(config: dict) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    precision = resolve_precision(t.precision, device)  # as captioning trains (bf16 on the tiny CPU default)
+    precision = resolve_precision(t.precision, device)  # as captioning trains
     set_seed(t.seed)
     tokenizer = None
     if stage == "decoder":

@@ -119,9 +119,14 @@ def test_init_std_is_configurable_and_reaches_both_parts():
     assert wide == pytest.approx((0.14, 0.14), rel=0.15)
 
 
-def test_bf16_is_kept_on_the_cpu_only_when_asked():
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_the_cpu_when_asked_or_when_auto_finds_it_in_hardware(monkeypatch, native):
+    from stgpt import device
+
+    monkeypatch.setattr(device, "cpu_has_bf16_matmul", lambda: native)
     cpu = torch.device("cpu")
-    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == ["fp32", "fp32", "fp32", "bf16"]
+    auto = "bf16" if native else "fp32"
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == [auto, "fp32", "fp32", "bf16"]
     with autocast(cpu, "bf16"):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
