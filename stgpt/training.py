@@ -119,7 +119,11 @@ def _setup(config: dict) -> WorkerRun:
         resume_dir = Path(resume_dir) if resume_dir else None
         caption_model = _worker_model(cfg, config.get("tokenizer_files"), resume_dir)
         apply_encoder_options(caption_model.model, cfg.encoder)
-        model = ray.train.torch.prepare_model(caption_model.model, parallel_strategy="ddp" if world > 1 else None)
+        # While the encoder is still (`train.encoder_freeze_ratio`) its parameters get no gradient (`forward`):
+        # DDP is told that some parameters may go unused in a step.
+        model = ray.train.torch.prepare_model(caption_model.model, parallel_strategy="ddp" if world > 1 else None,
+                                              parallel_strategy_kwargs={"find_unused_parameters": True}
+                                              if world > 1 and t.encoder_freeze_ratio > 0 else None)
         raw_model = model.module if hasattr(model, "module") else model
         optimizer = make_optimizer(raw_model, t.lr, t.weight_decay, t.encoder_lr_scale)
         per_epoch = steps_per_epoch(config["num_train_samples"], world, t.batch_size, t.grad_accum_steps)
@@ -163,7 +167,8 @@ def _train_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, float], bool]:
         ends_group = micro == t.grad_accum_steps or is_last
         with run.model.no_sync() if run.world > 1 and not ends_group else contextlib.nullcontext():
             with autocast(run.device, run.precision):
-                loss = forward(run.model, batch, run.cfg.video, run.device)
+                still = t.encoder_freeze_ratio > 0 and encoder_is_still(run.optimizer)  # DDP allows it only then
+                loss = forward(run.model, batch, run.cfg.video, run.device, still)
             weight = 1.0 if batch.num_ok else 0.0  # an all-bad batch still runs backward, contributing 0
             run.scaler.scale(loss * weight / t.grad_accum_steps).backward()
         if batch.num_ok:
@@ -216,11 +221,27 @@ def _end_epoch(run: WorkerRun, epoch: int, train_metrics: dict[str, float], stop
     _report_checkpoint(run, metrics)
 
 
-def forward(model, batch: Batch, video: VideoConfig, device: torch.device) -> torch.Tensor:
-    """The captioning loss of a batch: frames go to the device as uint8 and are normalised there."""
+def forward(model, batch: Batch, video: VideoConfig, device: torch.device, still_encoder: bool = False
+            ) -> torch.Tensor:
+    """The captioning loss of a batch: frames go to the device as uint8 and are normalised there. With
+    `still_encoder` (its learning rate is 0 this step) the encoder runs without autograd, so the backward pass
+    stops at the cross-attention instead of computing encoder gradients that would change nothing."""
     pixel_values = to_pixel_values(batch.frames.to(device, non_blocking=True), video)
-    return model(pixel_values=pixel_values, labels=batch.labels.to(device, non_blocking=True),
-                 decoder_attention_mask=batch.decoder_attention_mask.to(device, non_blocking=True)).loss
+    targets = {"labels": batch.labels.to(device, non_blocking=True),
+               "decoder_attention_mask": batch.decoder_attention_mask.to(device, non_blocking=True)}
+    if not still_encoder:
+        return model(pixel_values=pixel_values, **targets).loss
+    raw = model.module if hasattr(model, "module") else model
+    with torch.no_grad():
+        encoder_outputs = raw.encoder(pixel_values=pixel_values)
+    return model(encoder_outputs=encoder_outputs, **targets).loss
+
+
+def encoder_is_still(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every encoder group (`make_optimizer`'s) has learning rate 0 this step (`make_scheduler`'s still
+    phase): its gradients would change nothing, so `forward` leaves the encoder out of the backward pass."""
+    groups = [group for group in optimizer.param_groups if group.get("encoder")]
+    return bool(groups) and all(group["lr"] == 0 for group in groups)
 
 
 @torch.no_grad()

@@ -150,6 +150,40 @@ def test_frozen_encoder_does_not_learn_for_its_fraction_of_the_steps_then_follow
     assert not torch.equal(model["encoder"].weight, frozen)
 
 
+def test_a_still_encoder_is_left_out_of_the_backward_pass_with_the_same_loss():
+    from stgpt.model import build_model, tokenize_captions
+    from stgpt.shard_data import Batch
+    from stgpt.training import encoder_is_still, forward, make_optimizer, make_scheduler
+
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", [*SMALL, "model.kind=tiny"])
+    bundle = build_model(cfg, captions=["a red circle moves to the left", "the blue box rises"] * 20)
+    labels = tokenize_captions(bundle.tokenizer, ["a red circle moves to the left", "the blue box rises"])
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 8, 32, 32, 3), dtype=np.uint8))
+    batch = Batch(frames, labels, (labels != -100).long(), ["a", "b"], [[], []], 2, [])
+    grads = {}
+    for still in (False, True):
+        bundle.model.zero_grad(set_to_none=True)
+        loss = forward(bundle.model, batch, cfg.video, torch.device("cpu"), still_encoder=still)
+        loss.backward()
+        grads[still] = (loss.item(), {n: p.grad for n, p in bundle.model.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)  # the same loss
+    for name, grad in grads[True][1].items():
+        if name.startswith("encoder."):
+            assert grad is None, name  # no encoder gradient computed
+        else:
+            assert grad is not None and torch.allclose(grad, grads[False][1][name], atol=1e-6), name
+
+    # Still while the schedule holds the encoder at 0: the first 3 of 10 steps here, then learning.
+    optimizer = make_optimizer(bundle.model, lr=1e-3, weight_decay=0.0, encoder_lr_scale=0.1)
+    scheduler = make_scheduler(optimizer, total_steps=10, warmup_ratio=0.0, encoder_freeze_ratio=0.3)
+    phases = []
+    for _ in range(5):
+        phases.append(encoder_is_still(optimizer))
+        optimizer.step(), scheduler.step()
+    assert phases == [True, True, True, False, False]
+    assert not encoder_is_still(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.0))  # no encoder group
+
+
 def test_time_reversal_augmentation_plays_clips_backwards_with_flipped_targets():
     from stgpt.config import VideoConfig
     from stgpt.pretraining import _video_batch, plays_backwards
