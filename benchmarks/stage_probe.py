@@ -81,6 +81,15 @@ def render_clips(specs, index, short_side: int, crop: int, key: str, processes: 
     return clips
 
 
+def shift_frames(clip: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """A clip (T, H, W, 3) moved `dy` px down and `dx` px right, the border replicated into the gap (the uniform
+    background): the shift augmentation probed for shape (RESULTS.md: it bought nothing, and is not kept)."""
+    height, width = clip.shape[1:3]
+    pad = ((0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)), (0, 0))
+    y0, x0 = max(-dy, 0), max(-dx, 0)
+    return torch.from_numpy(np.pad(clip.numpy(), pad, mode="edge")[:, y0:y0 + height, x0:x0 + width].copy())
+
+
 def batches(n: int, batch: int, epochs: float, rng: random.Random):
     order: list[int] = []
     for _ in range(int(epochs * n) // batch):
@@ -126,6 +135,8 @@ def main() -> None:
     parser.add_argument("--enc-only", action="store_true", help="stop after the encoder stage")
     parser.add_argument("--reverse-aug", type=float, default=0.0,
                         help="encoder stage: play this fraction of training clips backwards, motions flipped")
+    parser.add_argument("--shift", type=int, default=0,
+                        help="encoder stage: move each training clip by up to this many px (shift_frames)")
     parser.add_argument("--eval-every", type=int, default=0, help="encoder steps between test accuracy checks")
     parser.add_argument("--beams", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -205,6 +216,9 @@ def main() -> None:
                 back = torch.rand(len(batch)) < args.reverse_aug
                 clips = torch.where(back[:, None, None, None, None], clips.flip(1), clips)
                 labels = torch.where(back[:, None], targets_back[batch], labels)
+            if args.shift:
+                moves = torch.randint(-args.shift, args.shift + 1, (len(batch), 2)).tolist()
+                clips = torch.stack([shift_frames(c, dy, dx) for c, (dy, dx) in zip(clips, moves)])
             with precision(args.bf16):
                 logits = classifier(pixel_values=to_pixel_values(clips, cfg.video)).logits
             loss = attribute_loss(logits, labels)
