@@ -19,8 +19,8 @@ def pick_device(use_gpu: bool = True) -> torch.device:
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16, from the kernel's CPU flags; False where
-    they cannot be read). Without it bf16 is emulated: the tiny model trained 7x slower than in fp32 on an AVX2
-    CPU, where AMX trained it 1.5x faster (benchmarks/RESULTS.md)."""
+    they cannot be read). Without it bf16 is emulated: a step of the tiny captioner took 6.5x its fp32 time on an
+    AVX2 CPU, where AMX trained it 1.5x faster (benchmarks/RESULTS.md)."""
     try:
         with open("/proc/cpuinfo") as info:
             flags = {word for line in info if line.startswith("flags") for word in line.split(":", 1)[1].split()}
