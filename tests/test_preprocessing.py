@@ -16,6 +16,7 @@ import pytest
 
 from stgpt.annotations import VideoAnnotation, load_annotations, save_annotations
 from stgpt.config import load_config
+from stgpt.launch import DEFAULT_CONFIG
 from stgpt import preprocessing
 from stgpt.isolation import CRASH
 from stgpt.preprocessing import (
@@ -290,7 +291,7 @@ def test_default_run_preprocesses_every_synthetic_split(ray_cluster, tmp_path, c
         assert all(path.startswith("file://") for path in paths)
         rows = [r for path in paths for r in pq.read_table(path).to_pylist()]
         assert len(rows) == count and {r["split"] for r in rows} == {split}
-        assert {r["height"] for r in rows} == {load_config().video.crop_size}  # the default config's crops
+        assert {r["height"] for r in rows} == {load_config(DEFAULT_CONFIG).video.crop_size}  # the job's default
 
 
 def test_a_decoder_crash_fails_only_that_video(data, tmp_path):
