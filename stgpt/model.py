@@ -168,14 +168,17 @@ def generation_config(gen: GenerationConfig, tokenizer: PreTrainedTokenizerBase)
     )
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (Ray's `prepare_model` wraps it only with more than one
+    worker), or the model itself."""
+    return model.module if hasattr(model, "module") else model
+
+
 def save_checkpoint(caption_model: CaptionModel, out_dir: str | Path) -> Path:
     """Write a self-contained Hugging Face checkpoint: model, generation config, tokenizer, image processor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = caption_model.model
-    if hasattr(model, "module"):  # unwrap DistributedDataParallel
-        model = model.module
-    model.save_pretrained(out)
+    unwrap(caption_model.model).save_pretrained(out)
     caption_model.tokenizer.save_pretrained(out)
     image_processor(caption_model.video).save_pretrained(out)
     return out

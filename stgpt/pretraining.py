@@ -44,7 +44,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForVideoClassification,
 from stgpt import storage
 from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
-from stgpt.model import load_tokenizer, train_tokenizer
+from stgpt.model import load_tokenizer, train_tokenizer, unwrap
 from stgpt.shard_data import read_captions, shard_dataset, split_paths
 from stgpt.shards import row_clip, row_error
 from stgpt.synthetic import COLOURS, MOTIONS, SHAPES, SyntheticDataset, flip_motion, reverse_time
@@ -351,7 +351,7 @@ def _stage_func(config: dict) -> None:
             model = build_encoder_classifier(cfg, t.seed) if stage == "encoder" else build_decoder_lm(cfg, tokenizer,
                                                                                                      t.seed)
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-        raw = model.module if hasattr(model, "module") else model
+        raw = unwrap(model)
         optimizer = make_optimizer(raw, lr, t.weight_decay)
         per_epoch = steps_per_epoch(config["num_train"], world, batch_size, 1)
         scheduler = make_scheduler(optimizer, per_epoch * epochs, t.warmup_ratio)

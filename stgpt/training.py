@@ -33,7 +33,7 @@ from stgpt.config import Config, VideoConfig
 from stgpt.device import autocast, resolve_precision
 from stgpt.encoder import apply_encoder_options
 from stgpt.metrics import CIDER_D, score_captions
-from stgpt.model import CaptionModel, build_model, generation_config, load_checkpoint, save_checkpoint
+from stgpt.model import CaptionModel, build_model, generation_config, load_checkpoint, save_checkpoint, unwrap
 from stgpt.shard_data import VALIDATION_EPOCH, Batch, collate_rows
 from stgpt.train_log import PROGRESS_FILE, Logger, RunningMean, TimedIterator, tensorboard
 from stgpt.transforms import to_pixel_values
@@ -95,7 +95,7 @@ class WorkerRun:
 
     @property
     def raw_model(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
+        return unwrap(self.model)
 
     def reached_max_steps(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -124,7 +124,7 @@ def _setup(config: dict) -> WorkerRun:
         model = ray.train.torch.prepare_model(caption_model.model, parallel_strategy="ddp" if world > 1 else None,
                                               parallel_strategy_kwargs={"find_unused_parameters": True}
                                               if world > 1 and t.encoder_freeze_ratio > 0 else None)
-        raw_model = model.module if hasattr(model, "module") else model
+        raw_model = unwrap(model)
         optimizer = make_optimizer(raw_model, t.lr, t.weight_decay, t.encoder_lr_scale)
         per_epoch = steps_per_epoch(config["num_train_samples"], world, t.batch_size, t.grad_accum_steps)
         total_steps = min(per_epoch * t.epochs, t.max_steps) if t.max_steps else per_epoch * t.epochs
@@ -231,7 +231,7 @@ def forward(model, batch: Batch, video: VideoConfig, device: torch.device, still
                "decoder_attention_mask": batch.decoder_attention_mask.to(device, non_blocking=True)}
     if not still_encoder:
         return model(pixel_values=pixel_values, **targets).loss
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     with torch.no_grad():
         encoder_outputs = raw.encoder(pixel_values=pixel_values)
     return model(encoder_outputs=encoder_outputs, **targets).loss
@@ -251,7 +251,7 @@ def validate(model, caption_model, val_data, device: torch.device, precision: st
     `train.val_cider_videos` videos when asked (gathered and scored on rank 0)."""
     model.eval()
     t = cfg.train
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     totals = torch.zeros(2, dtype=torch.float64)  # loss * tokens, tokens
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
